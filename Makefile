@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make run` (set up + run the pipeline on the bundled ELPV data)
+# and `make test` (set up + run the test suite). Everything installs into .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install the project with its dev tools
+
+run: setup  ## the whole pipeline as a Prefect flow, each stage through DVC
+	$(VENV)/bin/finetune run
+
+test: setup  ## full suite, end-to-end tests included
+	$(PY) -m pytest
+
+test-fast: setup  ## everything but the slow end-to-end tests
+	$(PY) -m pytest -m "not slow"
+
+clean:  ## remove pipeline outputs (not the venv)
+	rm -rf data models reports dvc.lock

@@ -1,0 +1,235 @@
+"""`finetune`: the command line. Thin: parse, load typed params, call one stage function.
+
+Every command turns expected failures (bad params, missing data, failed gate...) into one
+line on stderr and a non-zero exit; `--debug` (or FINETUNE_DEBUG=1) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from tasks.io import setup_logging
+from tasks.params import Params, load_params
+
+app = typer.Typer(
+    help="Fine-tune a pretrained image classifier on a folder of labelled images and export a gated ONNX model.\n\n"
+    "Quick start: `finetune run` runs the whole pipeline (ingest -> validate -> fetch_model -> train -> "
+    "evaluate -> gate -> export) on the bundled ELPV solar-cell data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stage_app = typer.Typer(
+    help="Run one pipeline stage (what dvc.yaml calls). Paths default to the layout in dvc.yaml.",
+    no_args_is_help=True,
+)
+app.add_typer(stage_app, name="stage")
+log = logging.getLogger("finetune")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a param: dotted key=value, "
+                                                     "e.g. --set train.batch_size=16 (repeatable).")]
+DEBUG = os.environ.get("FINETUNE_DEBUG") == "1"
+
+
+def friendly(fn: Callable) -> Callable:
+    """Run a command; any exception becomes `error: <message>` and exit 1 (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+        except Exception as exc:  # the one place errors become messages
+            if DEBUG:
+                raise
+            message = str(exc).strip() or type(exc).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    global DEBUG
+    DEBUG = DEBUG or debug
+
+
+def _params(path: Path, overrides: list[str] | None = None) -> Params:
+    return load_params(path, overrides or [])
+
+
+@app.command()
+@friendly
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: Annotated[Path, typer.Option(help="Project folder (a git + DVC repository).")] = Path("."),
+) -> None:
+    """Run the whole pipeline as a Prefect flow (each stage through DVC, so `dvc status` stays clean).
+
+    Overrides given with --set are validated, then written into the params file (comments kept),
+    as `dvc exp run --set-param` does: the params DVC records are the ones that produced the outputs.
+    """
+    _params(workdir / params, set_)  # validate before starting Prefect
+    from flows.pipeline import finetune_pipeline
+
+    result = finetune_pipeline(params_file=str(params), overrides=list(set_ or []), workdir=str(workdir))
+    typer.echo(result["summary"])
+
+
+@app.command()
+@friendly
+def validate(
+    path: Annotated[Path, typer.Argument(help="An image folder (root/<class>/...) or a CSV/Parquet manifest (path,label[,split]).")],
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("reports/validate-path"),
+) -> None:
+    """Validate any image folder or manifest with the Great Expectations suite; exit 1 on a blocking failure."""
+    from tasks import validate as validate_mod
+
+    cfg = _params(params).validate_ if params.exists() else Params().validate_
+    outcome = validate_mod.validate_path(path, cfg, out)
+    for line in outcome.warnings:
+        typer.echo(f"warning: {line}", err=True)
+    for line in outcome.failures:
+        typer.echo(f"FAILED {line}", err=True)
+    typer.echo(f"{'PASSED' if outcome.success else 'FAILED'}: {outcome.n_images} images; reports in {out}")
+    raise typer.Exit(0 if outcome.success else 1)
+
+
+# ---- stages (dvc.yaml calls these) -------------------------------------------------------
+
+
+@stage_app.command("ingest")
+@friendly
+def stage_ingest(
+    params: ParamsOpt = Path("params.yaml"),
+    images: Path = Path("data/images"),
+    manifest: Path = Path("data/manifest.csv"),
+) -> None:
+    """Materialise the data source as an image folder + split manifest."""
+    from tasks import ingest
+
+    p = _params(params)
+    d = p.data
+    ingest.run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, d.split.stratify_by, p.seed,
+               d.workers, images, manifest, max_pixels=p.validate_.max_pixels)
+
+
+@stage_app.command("validate")
+@friendly
+def stage_validate(
+    params: ParamsOpt = Path("params.yaml"),
+    manifest: Path = Path("data/manifest.csv"),
+    images: Path = Path("data/images"),
+    out_manifest: Path = Path("data/validated.csv"),
+    out_dir: Path = Path("reports/validation"),
+) -> None:
+    """Run the Great Expectations suite; write the validated manifest and reports; exit 1 on failure."""
+    from tasks import validate as validate_mod
+
+    p = _params(params)
+    split = p.data.split
+    outcome = validate_mod.run(manifest, images, p.validate_, out_manifest, out_dir / "validation.json",
+                               out_dir / "validation.md", out_dir / "docs",
+                               expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test})
+    if not outcome.success:
+        raise RuntimeError("data validation failed: " + " | ".join(outcome.failures) + f" (details: {out_dir}/validation.md)")
+
+
+@stage_app.command("fetch-model")
+@friendly
+def stage_fetch_model(params: ParamsOpt = Path("params.yaml"), out_dir: Path = Path("models/base")) -> None:
+    """Resolve and verify the pretrained weights named in `model.*`."""
+    from tasks import fetch_model
+
+    m = _params(params).model
+    fetch_model.run(m.source, m.arch, m.weights, m.sha256, out_dir)
+
+
+@stage_app.command("train")
+@friendly
+def stage_train(
+    params: ParamsOpt = Path("params.yaml"),
+    manifest: Path = Path("data/validated.csv"),
+    images: Path = Path("data/images"),
+    base: Path = Path("models/base"),
+    checkpoint: Path = Path("models/model.pt"),
+    metrics: Path = Path("reports/train/summary.json"),
+    history: Path = Path("reports/train/history.csv"),
+) -> None:
+    """Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint by validation score."""
+    from tasks import train
+
+    p = _params(params)
+    train.run(manifest, images, base, p.train, p.seed, checkpoint, metrics, history, workers=p.data.workers)
+
+
+@stage_app.command("evaluate")
+@friendly
+def stage_evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    checkpoint: Path = Path("models/model.pt"),
+    manifest: Path = Path("data/validated.csv"),
+    images: Path = Path("data/images"),
+    out_dir: Path = Path("reports/eval"),
+) -> None:
+    """Score the checkpoint on the held-out test split (metrics JSON, predictions, confusion matrix)."""
+    from tasks import evaluate
+
+    p = _params(params)
+    evaluate.run(checkpoint, manifest, images, out_dir / "metrics.json", out_dir / "predictions.csv",
+                 out_dir / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers)
+
+
+@stage_app.command("gate")
+@friendly
+def stage_gate(
+    params: ParamsOpt = Path("params.yaml"),
+    metrics: Path = Path("reports/eval/metrics.json"),
+    out_dir: Path = Path("reports/gate"),
+) -> None:
+    """Compare test metrics with `gates.*`; always writes the verdict; exit 1 when a gate fails."""
+    from tasks import gate
+
+    g = _params(params).gates
+    gate.run(metrics, g.model_dump(), out_dir / "verdict.json", out_dir / "verdict.md")
+
+
+@stage_app.command("export")
+@friendly
+def stage_export(
+    params: ParamsOpt = Path("params.yaml"),
+    checkpoint: Path = Path("models/model.pt"),
+    manifest: Path = Path("data/validated.csv"),
+    images: Path = Path("data/images"),
+    verdict: Path = Path("reports/gate/verdict.json"),
+    metrics: Path = Path("reports/eval/metrics.json"),
+    onnx_path: Path = Path("models/model.onnx"),
+    report: Path = Path("reports/export.json"),
+) -> None:
+    """Export to ONNX (uint8 input, normalisation folded in) and verify it against PyTorch."""
+    from tasks import export
+
+    p = _params(params)
+    e = p.export
+    export.run(checkpoint, manifest, images, verdict, metrics, params, onnx_path, report, e.opset, e.max_abs_diff,
+               e.min_top1_agreement, workers=p.data.workers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

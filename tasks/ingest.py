@@ -1,0 +1,188 @@
+"""Ingest stage: a data source -> `data/images/` + a split manifest (`data/manifest.csv`).
+
+Sources: the bundled ELPV set, an image folder (`root/<class>/**/*.png`), or a CSV/Parquet
+manifest (`path,label[,split]`, paths relative to the manifest's folder). The manifest
+records, per image: path (relative to the images folder), label, split and what `probe_image`
+finds (size, mode, bytes, sha256, decodes_ok, error). Broken images are recorded, not
+dropped: the validate stage decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from tasks.images import IMAGE_EXTENSIONS, probe_image
+from tasks.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+ELPV_FOUR_CLASS = {0.0: "p0", 1 / 3: "p33", 2 / 3: "p67", 1.0: "p100"}
+
+
+class SourceError(ValueError):
+    """The data source is missing or unusable; the message names it."""
+
+
+def elpv_root() -> Path:
+    import elpv_dataset
+
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def elpv_table(task: str = "binary", defect_threshold: float = 0.5) -> pd.DataFrame:
+    """The bundled ELPV labels: binary (defective when probability > threshold) or 4 classes."""
+    root = elpv_root()
+    df = pd.read_csv(root / "labels.csv", sep=r"\s+", header=None, names=["path", "probability", "type"])
+    df["probability"] = df["probability"].round(4)
+    if task == "binary":
+        df["label"] = np.where(df["probability"] > defect_threshold, "defective", "functional")
+    else:
+        df["label"] = df["probability"].map(lambda p: min(ELPV_FOUR_CLASS.items(), key=lambda kv: abs(kv[0] - p))[1])
+    df["source"] = df["path"].map(lambda p: str(root / p))
+    df["path"] = df["path"].str.removeprefix("images/")
+    return df[["path", "label", "probability", "type", "source"]]
+
+
+def folder_table(root: str | Path) -> pd.DataFrame:
+    """`root/<class>/**/<image>` -> rows (path relative to root, label = first folder)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"data folder not found: {root}")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                rows.append({"path": f.relative_to(root).as_posix(), "label": class_dir.name, "source": str(f)})
+    if not rows:
+        raise SourceError(f"no images found in {root} (expected {root}/<class>/<image>{'|'.join(IMAGE_EXTENSIONS)})")
+    return pd.DataFrame(rows)
+
+
+def manifest_table(manifest: str | Path) -> pd.DataFrame:
+    """A CSV/Parquet manifest with `path,label[,split]`; paths may not escape its folder."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise SourceError(f"manifest not found: {manifest}")
+    try:
+        df = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
+    except Exception as exc:
+        raise SourceError(f"{manifest}: cannot read ({str(exc).splitlines()[0]})") from None
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise SourceError(f"{manifest}: missing column(s) {sorted(missing)}; expected path,label[,split]")
+    root = manifest.parent.resolve()
+    sources = []
+    for p in df["path"].astype(str):
+        full = (root / p).resolve()
+        if not full.is_relative_to(root):
+            raise SourceError(f"{manifest}: path '{p}' escapes the data root {root}")
+        sources.append(str(full))
+    df = df.copy()
+    df["path"] = [Path(s).relative_to(root).as_posix() for s in sources]
+    df["label"] = df["label"].astype(str)
+    df["source"] = sources
+    if "split" in df.columns:
+        bad = sorted(set(df["split"].dropna().astype(str)) - set(SPLITS))
+        if bad:
+            raise SourceError(f"{manifest}: unknown split value(s) {bad}; allowed: {list(SPLITS)}")
+    return df
+
+
+def _stable_key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
+
+
+def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int) -> pd.Series:
+    """Deterministic split, stratified by label plus `stratify_by` columns.
+
+    Within each stratum, rows are ordered by a seeded hash of their path (independent of input
+    order) and the first round(n*test) go to test, the next round(n*val) to val. An existing
+    `split` column is respected for the rows that have one.
+    """
+    missing = [c for c in stratify_by if c not in df.columns]
+    if missing:
+        raise SourceError(f"split.stratify_by names column(s) {missing} that the source does not have")
+    split = pd.Series("", index=df.index, dtype=object)
+    if "split" in df.columns:
+        given = df["split"].fillna("").astype(str)
+        split[given != ""] = given[given != ""]
+    todo = df[split == ""]
+    keys = ["label", *stratify_by]
+    for _, group in todo.groupby(keys, sort=True, dropna=False):
+        order = sorted(group.index, key=lambda i: _stable_key(seed, str(group.at[i, "path"])))
+        n = len(order)
+        n_test = int(round(n * test))
+        n_val = int(round(n * val))
+        if n - n_test - n_val < 1 and n > 0:  # keep at least one training example per stratum
+            n_val = max(0, n - n_test - 1)
+        for rank, i in enumerate(order):
+            split[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return split
+
+
+def probe_all(sources: list[str], workers: int, max_pixels: int) -> pd.DataFrame:
+    """Probe every image in parallel (PIL releases the GIL while decoding), with a progress bar."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = list(
+            tqdm(pool.map(lambda s: probe_image(s, max_pixels), sources), total=len(sources), desc="probe images", unit="img", disable=None)
+        )
+    return pd.DataFrame(rows)
+
+
+def source_table(source: str, path: str | None, task: str, defect_threshold: float) -> pd.DataFrame:
+    if source == "elpv":
+        return elpv_table(task, defect_threshold)
+    if source == "folder":
+        return folder_table(path)
+    return manifest_table(path)
+
+
+def build_manifest(table: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int,
+                   workers: int = 4, max_pixels: int = 50_000_000) -> pd.DataFrame:
+    df = table.reset_index(drop=True).copy()
+    df["split"] = assign_splits(df, test, val, stratify_by, seed)
+    probes = probe_all(df["source"].tolist(), workers, max_pixels)
+    df = pd.concat([df, probes], axis=1)
+    front = ["path", "label", "split"]
+    return df[front + [c for c in df.columns if c not in front]]
+
+
+def materialise(df: pd.DataFrame, images_dir: Path) -> None:
+    """Copy the source images under `images_dir` (built beside it, then swapped in whole)."""
+    images_dir = Path(images_dir)
+    tmp = images_dir.with_name(images_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src, rel in tqdm(zip(df["source"], df["path"]), total=len(df), desc="copy images", unit="img", disable=None):
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    old = images_dir.with_name(images_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if images_dir.exists():
+        images_dir.rename(old)
+    tmp.rename(images_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run(source: str, path: str | None, task: str, defect_threshold: float, test: float, val: float,
+        stratify_by: list[str], seed: int, workers: int, images_dir: Path, manifest_path: Path,
+        max_pixels: int = 50_000_000) -> pd.DataFrame:
+    """The ingest stage: read the source, split, probe, materialise images and the manifest."""
+    table = source_table(source, path, task, defect_threshold)
+    log.info("ingest: %d images from %s source, classes %s", len(table), source, sorted(table["label"].unique()))
+    manifest = build_manifest(table, test, val, stratify_by, seed, workers, max_pixels)
+    materialise(manifest, images_dir)
+    with atomic_path(manifest_path) as tmp:
+        manifest.drop(columns=["source"]).to_csv(tmp, index=False)
+    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+    log.info("ingest: split counts\n%s", counts.to_string())
+    return manifest

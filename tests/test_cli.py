@@ -1,0 +1,61 @@
+"""The `finetune` command as users run it: helpful --help, one-line errors on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = str(Path(sys.executable).parent / "finetune")
+
+
+def finetune(*args, cwd=REPO):
+    env = dict(os.environ, FINETUNE_DEBUG="0")
+    return subprocess.run([FINETUNE, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["stage"], ["stage", "train"], ["stage", "export"]])
+def test_help_everywhere(cmd):
+    proc = finetune(*cmd, "--help")
+    assert proc.returncode == 0 and "Usage" in proc.stdout and "--" in proc.stdout
+
+
+def test_unknown_params_key(tmp_path):
+    one_line_error(finetune("run", "--set", "train.batch_sise=8"), "unknown key 'train.batch_sise'")
+
+
+def test_non_numeric_learning_rate(tmp_path):
+    one_line_error(finetune("run", "--set", "train.stages.0.lr=fast"), "train.stages.0.lr", "'fast'")
+
+
+def test_missing_data_folder(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: folder\n  path: {tmp_path / 'no-such-folder'}\n")
+    proc = finetune("stage", "ingest", "--params", str(params), "--images", str(tmp_path / "d"),
+                    "--manifest", str(tmp_path / "m.csv"), cwd=tmp_path)
+    one_line_error(proc, "data folder not found", "no-such-folder")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_validate_command_exit_codes(tiny_folder, tmp_path):
+    ok = finetune("validate", str(tiny_folder), "--out", str(tmp_path / "ok"), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "PASSED" in ok.stdout and (tmp_path / "ok" / "validation.json").exists()
+    (tiny_folder / "dark" / "broken.png").write_bytes(b"not a png")
+    bad = finetune("validate", str(tiny_folder), "--out", str(tmp_path / "bad"), cwd=tmp_path)
+    assert bad.returncode == 1 and "broken.png" in bad.stderr and "Traceback" not in bad.stderr
+    missing = finetune("validate", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr and "nowhere" in missing.stderr + missing.stdout

@@ -1,0 +1,125 @@
+"""The whole pipeline for real on tiny generated data: `dvc repro` in a temporary git repo, and
+the Prefect flow (real temporary Prefect server) in another, with the same params and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.params import write_overrides
+from tests.conftest import REPO, make_dataset
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.source=folder", "data.path=raw", "data.split.stratify_by=[]", "data.split.test=0.25", "data.split.val=0.25",
+    "data.workers=2", "validate.min_images_per_class=1", "train.image_size=64", "train.cpu_image_size=64",
+    "train.batch_size=8", "train.stages.0.epochs=2", "train.stages.0.lr=0.03", "train.stages.1.epochs=1",
+    "train.stages.1.lr=0.0003", "gates.accuracy=0.5", "gates.macro_recall=0.5", "gates.macro_f1=0.5",
+]
+
+
+def env() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], DVC_NO_ANALYTICS="1")
+
+
+def sh(*cmd, cwd, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env(), timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dvc(*args, cwd, check=True):
+    return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def new_project(root: Path) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline and a tiny image folder."""
+    root.mkdir(parents=True)
+    for name in ("tasks", "flows", "deploy"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    make_dataset(root / "raw", per_class=24, size=64, mislabeled=3)
+    write_overrides(root / "params.yaml", TINY)
+    sh("git", "init", "-q", cwd=root)
+    dvc("init", "-q", cwd=root)
+    return root
+
+
+def read(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+@pytest.fixture(scope="module")
+def repro_project(tmp_path_factory):
+    root = new_project(tmp_path_factory.mktemp("e2e") / "repro")
+    dvc("repro", cwd=root)
+    return root
+
+
+def test_dvc_repro_produces_a_gated_verified_model(repro_project):
+    root = repro_project
+    assert (root / "models/model.onnx").stat().st_size > 1_000_000
+    metrics = read(root, "reports/eval/metrics.json")
+    assert metrics["n"] == 12 and metrics["accuracy"] >= 0.5
+    assert read(root, "reports/gate/verdict.json")["passed"] is True
+    export = read(root, "reports/export.json")
+    assert export["passed"] and export["top1_agreement"] == 1.0
+    assert read(root, "reports/validation/validation.json")["success"] is True
+    assert (root / "reports/validation/docs").is_dir()
+    history = (root / "reports/train/history.csv").read_text().splitlines()
+    assert history[0].startswith("stage,") and len(history) == 1 + 3  # header + one row per epoch
+
+
+def test_second_repro_is_a_fast_no_op(repro_project):
+    start = time.perf_counter()
+    out = dvc("repro", cwd=repro_project).stdout
+    elapsed = time.perf_counter() - start
+    assert "Running stage" not in out
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f}s"
+    assert "up to date" in dvc("status", cwd=repro_project).stdout
+
+
+def test_gate_threshold_change_reruns_only_gate_and_export(repro_project):
+    root = repro_project
+    write_overrides(root / "params.yaml", ["gates.accuracy=0.55"])
+    out = dvc("repro", cwd=root).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"gate", "export"}, out
+
+
+def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, prefect_server, tmp_path):
+    from flows.pipeline import finetune_pipeline
+
+    root = new_project(tmp_path / "flow")
+    write_overrides(root / "params.yaml", ["gates.accuracy=0.55"])  # same params as repro_project now
+    result = finetune_pipeline(workdir=str(root))
+    assert set(result["stages"]) == {"ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export"}
+    assert read(root, "reports/eval/metrics.json")["accuracy"] == read(repro_project, "reports/eval/metrics.json")["accuracy"]
+    for key in ("macro_recall", "macro_f1", "per_class"):
+        assert read(root, "reports/eval/metrics.json")[key] == read(repro_project, "reports/eval/metrics.json")[key]
+    assert "up to date" in dvc("status", cwd=root).stdout
+    assert Path(result["outputs"]["model"]).is_file()
+
+    # a second flow run finds everything up to date and skips all stages
+    again = finetune_pipeline(workdir=str(root))
+    assert set(again["stages"].values()) == {"skipped (up to date)"}
+
+    # a failing gate fails the flow run with the reason, exports nothing new, keeps the old model
+    onnx_before = (root / "models/model.onnx").read_bytes()
+    from flows.pipeline import StageFailed
+
+    with pytest.raises(StageFailed, match=r"stage 'gate' failed: gate failed: accuracy .* < 1\.0000"):
+        finetune_pipeline(workdir=str(root), overrides=["gates.accuracy=1.0"])
+    assert read(root, "reports/gate/verdict.json")["passed"] is False
+    assert (root / "models/model.onnx").read_bytes() == onnx_before

@@ -1,0 +1,89 @@
+"""Typed params: unknown keys and bad values are refused with the key named; overrides work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.params import Params, ParamsError, load_params, write_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_file_is_valid_and_matches_defaults_where_it_should():
+    p = load_params(REPO / "params.yaml")
+    assert p.data.source == "elpv" and p.model.arch == "efficientnet_lite0"
+    assert [s.trainable for s in p.train.stages][0] == "head"  # frozen first
+    assert p.train.stages[-1].trainable == "all"  # then unfrozen
+
+
+def test_unknown_key_is_named(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  batch_sise: 8\n")
+    with pytest.raises(ParamsError, match=r"unknown key 'train.batch_sise'"):
+        load_params(f)
+
+
+def test_non_numeric_learning_rate_is_named(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  stages:\n    - {name: a, epochs: 1, lr: fast}\n")
+    with pytest.raises(ParamsError, match=r"train.stages.0.lr.*'fast'"):
+        load_params(f)
+
+
+def test_override_unknown_and_bad_values(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("seed: 1\n")
+    assert load_params(f, ["train.batch_size=8"]).train.batch_size == 8
+    assert load_params(f, ["train.cpu_image_size=null"]).train.cpu_image_size is None
+    with pytest.raises(ParamsError, match="unknown key 'train.nope'"):
+        load_params(f, ["train.nope=1"])
+    with pytest.raises(ParamsError, match="not of the form key=value"):
+        load_params(f, ["train.batch_size"])
+    with pytest.raises(ParamsError, match="gates.accuracy"):
+        load_params(f, ["gates.accuracy=1.5"])
+
+
+def test_split_fractions_must_leave_training_data():
+    from tasks.params import validate_params
+
+    with pytest.raises(ParamsError, match="leaves no training data"):
+        validate_params({"data": {"split": {"test": 0.5, "val": 0.5}}})
+
+
+def test_write_overrides_keeps_comments_and_validates(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    write_overrides(f, ["gates.accuracy=0.5"])
+    text = f.read_text()
+    assert "accuracy: 0.5" in text
+    assert "# lower bounds on test-split metrics" in text  # comments survive
+    assert load_params(f).gates.accuracy == 0.5
+    before = f.read_text()
+    with pytest.raises(ParamsError):
+        write_overrides(f, ["gates.accuracy=high"])
+    assert f.read_text() == before  # a refused override writes nothing
+
+
+def test_missing_params_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_defaults_construct():
+    assert Params().train.stages[0].name == "frozen"
+
+
+def test_override_inside_a_list(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    assert load_params(f, ["train.stages.1.lr=0.0005"]).train.stages[1].lr == 0.0005
+    with pytest.raises(ParamsError, match="not an index"):
+        load_params(f, ["train.stages.9.lr=0.1"])
+    with pytest.raises(ParamsError, match=r"train.stages.0.lr.*'fast'"):
+        load_params(f, ["train.stages.0.lr=fast"])
