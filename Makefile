@@ -25,5 +25,8 @@ test: setup  ## full suite, end-to-end tests included
 test-fast: setup  ## everything but the slow end-to-end tests
 	$(PY) -m pytest -m "not slow"
 
+bench: setup  ## benchmarks (print a table, write JSON to bench/results/)
+	$(PY) bench/bench_onnx.py
+
 clean:  ## remove pipeline outputs (not the venv)
 	rm -rf data models reports dvc.lock

@@ -26,6 +26,8 @@ from pydantic import BaseModel, Field
 STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export")
 OUTPUTS = {
     "model": "models/model.onnx",
+    "model_int8": "models/int8",
+    "model_card": "models/model_card.md",
     "metrics": "reports/eval/metrics.json",
     "verdict": "reports/gate/verdict.json",
     "report": "reports/gate/verdict.md",

@@ -85,6 +85,12 @@ def run(
     as `dvc exp run --set-param` does: the params DVC records are the ones that produced the outputs.
     """
     _params(workdir / params, set_)  # validate before starting Prefect
+    # Without a configured Prefect API, Prefect starts a temporary local server; on a busy
+    # 2-core machine that can take longer than its 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from flows.pipeline import finetune_pipeline
 
     result = finetune_pipeline(params_file=str(params), overrides=list(set_ or []), workdir=str(workdir))
@@ -220,15 +226,43 @@ def stage_export(
     verdict: Path = Path("reports/gate/verdict.json"),
     metrics: Path = Path("reports/eval/metrics.json"),
     onnx_path: Path = Path("models/model.onnx"),
+    int8_dir: Path = Path("models/int8"),
+    model_card: Path = Path("models/model_card.md"),
     report: Path = Path("reports/export.json"),
 ) -> None:
-    """Export to ONNX (uint8 input, normalisation folded in) and verify it against PyTorch."""
+    """Export to ONNX (uint8 input, normalisation folded in), verify it against PyTorch, optionally
+    quantize to INT8 (kept only within `export.int8_max_accuracy_drop`), write the model card."""
     from tasks import export
 
     p = _params(params)
-    e = p.export
+    e, d = p.export, p.data
+    source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if d.source == "elpv" else "")
     export.run(checkpoint, manifest, images, verdict, metrics, params, onnx_path, report, e.opset, e.max_abs_diff,
-               e.min_top1_agreement, workers=p.data.workers)
+               e.min_top1_agreement, workers=d.workers, int8=e.int8, int8_max_accuracy_drop=e.int8_max_accuracy_drop,
+               int8_calibration_images=e.int8_calibration_images, int8_dir=int8_dir, model_card_path=model_card,
+               data_description=source)
+
+
+@app.command("models")
+@friendly
+def list_models(
+    all_: Annotated[bool, typer.Option("--all", help="Also list torchvision weights that need a download.")] = False,
+) -> None:
+    """List the pretrained weights usable here (model.source / model.arch / model.weights), marking
+    which are available offline (bundled, or already in the torch hub / Hugging Face cache)."""
+    from tasks import models
+
+    rows = models.catalog(all_weights=all_)
+    width = {key: max(len(key), *(len(str(r[key])) for r in rows)) for key in ("source", "arch", "weights")}
+    typer.echo(f"{'source':{width['source']}}  {'arch':{width['arch']}}  {'weights':{width['weights']}}  offline  file")
+    for r in rows:
+        typer.echo(f"{r['source']:{width['source']}}  {r['arch']:{width['arch']}}  {r['weights']:{width['weights']}}  "
+                   f"{'yes' if r['offline'] else 'no':7}  {r['file']}")
+    hidden = "" if all_ else " (--all lists those needing a download)"
+    typer.echo(f"\ntorchvision cache: {models.hub_dir() / 'checkpoints'}{hidden}\n"
+               f"Hugging Face cache (timm): {models.hf_cache_dir()}\n"
+               "Also: any timm architecture or torchvision model with model.weights=<path or URL> and model.sha256 "
+               "(source timm/checkpoint or torchvision). Offline: FINETUNE_OFFLINE=1.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -70,5 +69,13 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return w / w[counts > 0].mean()
 
 
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+def resize_batch(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> uint8 (N, 3, size, size), bilinear with antialiasing, in chunks."""
+    if images.shape[-1] == size:
+        return images
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = torch.nn.functional.interpolate(images[i : i + chunk].float(), size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out

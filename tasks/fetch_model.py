@@ -1,8 +1,10 @@
 """Fetch stage: resolve the pretrained weights named in `model.*`, verify them, save them.
 
-Writes `<out>/weights.pt` (the state_dict in the architecture's own naming) and
-`<out>/meta.json` ({source, arch, weights, sha256, num_params, mean, std, ...}); both are
-DVC outputs, so a changed weight file reruns training.
+Writes `<out>/weights.pt` (the state_dict of the model `models.build(meta)` rebuilds) and
+`<out>/meta.json` ({source, arch, weights, weights_name, sha256, num_params, mean, std,
+input_size, interpolation, preprocessing, ...}); both are DVC outputs, so changed weights
+rerun training. Offline without the weights it fails with `models.WeightsError`, whose
+message names the missing file and how to provide it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from tasks.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 
-def run(source: str, arch: str, weights: str, sha256: str | None, out_dir: Path) -> dict:
-    model, meta = models.create(source, arch, weights, sha256)
+def run(source: str, arch: str, weights: str, sha256: str | None, out_dir: Path, offline: bool | None = None) -> dict:
+    """`offline=None` follows FINETUNE_OFFLINE / HF_HUB_OFFLINE (downloads allowed otherwise)."""
+    model, meta = models.create(source, arch, weights, sha256, offline=offline)
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "weights.pt") as tmp:
         torch.save(model.state_dict(), tmp)
     write_json(out_dir / "meta.json", meta)
-    log.info("fetch_model: %s/%s (%s params), sha256 %s... verified", source, arch, f"{meta['num_params']:,}",
-             meta["sha256"][:12])
+    pre = meta["preprocessing"]
+    log.info("fetch_model: %s/%s (%s, %s params), sha256 %s... verified; expects %s px (resize %s, %s), mean %s std %s",
+             source, arch, meta["weights_name"], f"{meta['num_params']:,}", meta["sha256"][:12], pre["input_size"],
+             pre["resize_size"], pre["interpolation"], pre["mean"], pre["std"])
     return meta

@@ -64,10 +64,14 @@ class ValidateParams(Strict):
 
 
 class ModelParams(Strict):
-    source: Literal["bundled", "torchvision", "timm", "checkpoint"] = "bundled"
-    arch: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    sha256: str | None = None
+    source: Literal["bundled", "torchvision", "timm", "checkpoint"] = Field(
+        "bundled", description="bundled (offline Lite0) | torchvision | timm | checkpoint (state_dict file/URL, "
+        "timm arch)")
+    arch: str = Field("efficientnet_lite0",
+                      description="architecture name in the source's naming (resnet50, convnext_tiny...)")
+    weights: str = Field("imagenet", description="weights set (DEFAULT, IMAGENET1K_V2, a timm tag) or a path/URL")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
+        None, description="sha256 of the weights file; required for a path/URL")
 
 
 Trainable = Literal["head", "all"] | Annotated[int, Field(ge=1)]
@@ -82,6 +86,7 @@ class StageParams(Strict):
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
     bn: Literal["train", "eval"] = "eval"
+    image_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
 class TrainParams(Strict):
@@ -123,6 +128,9 @@ class ExportParams(Strict):
     opset: Annotated[int, Field(ge=13, le=23)] = 18
     max_abs_diff: PositiveFloat = 1e-3
     min_top1_agreement: Fraction = 0.999
+    int8: bool = True  # also write a static INT8 model (calibrated on val), kept only within the accuracy bound
+    int8_max_accuracy_drop: Fraction = 0.01  # INT8 kept when its test accuracy is at most this below the fp32 ONNX's
+    int8_calibration_images: Annotated[int, Field(ge=1, le=100_000)] = 256  # cap on validation images for calibration
 
 
 class Params(Strict):

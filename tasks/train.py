@@ -19,7 +19,6 @@ import copy
 from contextlib import contextmanager
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks import models
-from tasks.data import apply_variant, class_weights, normalise, split_arrays, variants_for
+from tasks.data import apply_variant, class_weights, normalise, resize_batch, split_arrays, variants_for
 from tasks.io import atomic_path, read_json, write_json
 from tasks.metrics import classification_metrics
 from tasks.params import StageParams, TrainParams
@@ -238,17 +237,25 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict] = []
     global_epoch = 0
+    full_train_x, full_val_x = train_x, val_x
+    # progressive resizing: epochs of stages at image_scale < 1 are cheaper; only full-size epochs
+    # may be selected as best (the checkpoint is evaluated and exported at full size)
+    any_full = any(s.image_scale == 1.0 and s.epochs > 0 for s in params.stages)
     for stage_index, stage in enumerate(params.stages):
         if stage.epochs == 0:
             continue
+        full = full_train_x.shape[-1]
+        size = full if stage.image_scale == 1.0 else max(32, int(round(full * stage.image_scale / 8)) * 8)
+        train_x, val_x = resize_batch(full_train_x, size), resize_batch(full_val_x, size)
+        selectable = stage.image_scale == 1.0 or not any_full
         staged = StagedModel(model, stage.trainable, stage.bn)
         use_cache = params.cache_features and staged.cacheable
         train_cache = FeatureCache(staged, train_x, mean, std, device, params.batch_size) if use_cache else None
         val_cache = FeatureCache(staged, val_x, mean, std, device, params.batch_size) if use_cache else None
         groups = param_groups(model, stage)
         n_trainable = sum(p.numel() for g in groups for p in g["params"])
-        log.info("stage %d '%s': %d epochs, trainable=%s (%d params), cached prefix=%s",
-                 stage_index, stage.name, stage.epochs, stage.trainable, n_trainable, use_cache)
+        log.info("stage %d '%s': %d epochs at %d px, trainable=%s (%d params), cached prefix=%s",
+                 stage_index, stage.name, stage.epochs, size, stage.trainable, n_trainable, use_cache)
         optimizer = torch.optim.AdamW(groups)
         steps_per_epoch = math.ceil(len(train_x) / params.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -300,12 +307,12 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
                 "stage": stage.name, "stage_index": stage_index, "epoch": epoch + 1, "global_epoch": global_epoch,
                 "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
                 "val_accuracy": val_metrics["accuracy"], "val_macro_recall": val_metrics["macro_recall"],
-                "val_macro_f1": val_metrics["macro_f1"], "seconds": time.time() - t0,
+                "val_macro_f1": val_metrics["macro_f1"], "image_size": size, "seconds": time.time() - t0,
                 "images_per_s": seen / max(time.time() - t0, 1e-9),
             }
             history.append(record)
             score = select_score(val_metrics, val_loss, params.select_metric)
-            improved = score > best["score"]
+            improved = selectable and score > best["score"]
             if improved:
                 best = {"score": score, "stage": stage.name, "epoch": epoch + 1, "global_epoch": global_epoch,
                         "metric": params.select_metric, "val": val_metrics}
@@ -386,7 +393,3 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     model = models.build(ckpt["base"], num_classes=len(ckpt["classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
-
-
-def default_workers() -> int:
-    return min(8, os.cpu_count() or 2)

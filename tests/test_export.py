@@ -1,4 +1,5 @@
-"""ONNX export: metadata round-trips, ONNX Runtime alone predicts like PyTorch, broken parity fails."""
+"""ONNX export: metadata round-trips, ONNX Runtime alone predicts like PyTorch, broken parity fails;
+the INT8 model is kept or dropped by its accuracy bound and works from the file alone; the model card."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from onnx import numpy_helper
 from tasks import export, ingest, models, train
 from tasks.data import split_arrays
 from tasks.images import load_for_model
-from tasks.io import write_json
+from tasks.io import sha256_file, write_json
+from tasks.params import TrainParams
 
 SIZE = 64
 
@@ -31,9 +33,13 @@ def setup(tmp_path_factory):
     model = models.with_new_head(base, 2, seed=0).eval()
     pre = models.Preprocessing(size=SIZE, mean=tuple(meta["mean"]), std=tuple(meta["std"])).to_dict()
     ckpt = root / "model.pt"
-    train.save_checkpoint(ckpt, model, ["bright", "dark"], meta, pre, {}, {})
-    write_json(root / "verdict.json", {"passed": True, "reason": "all gates passed", "gates": []})
-    write_json(root / "metrics.json", {"accuracy": 1.0, "macro_recall": 1.0, "macro_f1": 1.0, "n": 6})
+    config = {"train": TrainParams().model_dump(mode="json"), "seed": 0}  # what train.run stores
+    best = {"score": 0.9, "stage": "unfrozen", "epoch": 3, "global_epoch": 5, "metric": "macro_f1"}
+    train.save_checkpoint(ckpt, model, ["bright", "dark"], meta, pre, config, best)
+    write_json(root / "verdict.json", {"passed": True, "reason": "all gates passed", "gates": [
+        {"metric": "accuracy", "value": 1.0, "bound": 0.85, "passed": True, "reason": "accuracy 1.0000 >= 0.8500"}]})
+    write_json(root / "metrics.json", {"accuracy": 1.0, "macro_recall": 1.0, "macro_f1": 1.0, "n": 6,
+                                       "ci": {"accuracy": [0.61, 1.0]}})
     (root / "params.yaml").write_text("seed: 0\n")
     return root, data, ckpt
 
@@ -47,8 +53,10 @@ def do_export(root, data, ckpt, out_name="model.onnx", **kw):
 
 @pytest.fixture(scope="module")
 def exported(setup):
+    """The export with INT8 on and a bound any INT8 model meets, so it is kept."""
     root, data, ckpt = setup
-    report = do_export(root, data, ckpt)
+    report = do_export(root, data, ckpt, int8=True, int8_max_accuracy_drop=1.0, int8_calibration_images=5,
+                       data_description="folder (raw)")
     return root / "model.onnx", report
 
 
@@ -110,7 +118,8 @@ def test_failed_parity_keeps_the_previous_model(setup, exported):
     with pytest.raises(export.ExportError, match="parity failed"):
         do_export(root, data, ckpt, max_abs_diff=1e-15)
     assert path.read_bytes() == before
-    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert (root / "int8" / export.INT8_FILE).is_file()  # the INT8 model of the previous export stays too
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_failed_gate_exports_nothing(setup, tmp_path):
@@ -120,3 +129,92 @@ def test_failed_gate_exports_nothing(setup, tmp_path):
         export.run(ckpt, data / "manifest.csv", data / "images", tmp_path / "verdict.json", root / "metrics.json",
                    root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999)
     assert not (tmp_path / "model.onnx").exists()
+
+# ---- INT8 and the model card ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp32, int8, bound, kept", [
+    (0.90, 0.90, 0.0, True), (0.90, 0.92, 0.0, True), (0.90, 0.89, 0.0, False),
+    (0.90, 0.89, 0.01, True), (0.90, 0.885, 0.01, False), (0.90, 0.10, 1.0, True),
+])
+def test_int8_is_kept_only_within_the_accuracy_bound(fp32, int8, bound, kept):
+    assert export.int8_decision(fp32, int8, bound) == (kept, pytest.approx(fp32 - int8))
+
+
+def test_int8_kept_with_metadata_and_quantization_entry(setup, exported):
+    root = setup[0]
+    path, report = exported
+    int8_path = root / "int8" / export.INT8_FILE
+    entry = report["int8"]
+    assert entry["status"] == "kept" and entry["path"] == str(int8_path) and entry["sha256"] == sha256_file(int8_path)
+    assert entry["calibration_split"] == "val" and 1 <= entry["calibration_images"] <= 5
+    assert entry["accuracy_drop"] == pytest.approx(report["onnx_accuracy"] - entry["accuracy"])
+    onnx.checker.check_model(str(int8_path))
+    fp32_meta, int8_meta = export.read_metadata(path), export.read_metadata(int8_path)
+    assert {k: v for k, v in int8_meta.items() if k != "quantization"} == fp32_meta  # same contract and lineage
+    q = json.loads(int8_meta["quantization"])
+    assert q["format"] == "QDQ" and q["fp32_sha256"] == sha256_file(path) and q["calibration_split"] == "val"
+    assert q["test"]["accuracy"] == entry["accuracy"] and q["max_accuracy_drop"] == 1.0
+    quantized, total = map(int, q["quantized_ops"]["Conv"].split("/"))
+    assert quantized == total - 1  # every Conv but the stem runs in INT8
+    model = onnx.load(str(int8_path))
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
+
+
+def test_fresh_session_given_only_the_int8_file_predicts_valid_probabilities(setup, exported):
+    root, data, _ = setup
+    int8_path = root / "int8" / export.INT8_FILE
+    session = export.ort_session(int8_path)
+    meta = export.read_metadata(int8_path)
+    classes, size = json.loads(meta["classes"]), json.loads(meta["preprocessing"])["size"]
+    manifest = pd.read_csv(data / "manifest.csv", keep_default_na=False)
+    batch = np.stack([load_for_model(data / "images" / p, size) for p in manifest["path"]])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    logits, probs = session.run(None, {"image": batch})
+    assert probs.shape == (len(batch), len(classes)) and np.isfinite(logits).all()
+    assert (probs >= 0).all() and (probs <= 1).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    fp32_logits = export.ort_session(root / "model.onnx").run(["logits"], {"image": batch})[0]
+    assert np.abs(logits - fp32_logits).max() < 1.0  # quantized, not broken
+
+
+def test_int8_outside_the_bound_is_dropped_and_a_stale_one_removed(setup, exported, tmp_path):
+    root, data, ckpt = setup
+    stale = tmp_path / "int8" / export.INT8_FILE
+    stale.parent.mkdir()
+    stale.write_bytes(b"an INT8 model of an older export")
+    # a bound no model can meet (accuracy cannot drop by less than -1) forces the drop
+    report = export.run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
+                        root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999,
+                        int8=True, int8_max_accuracy_drop=-1.5, int8_calibration_images=3)
+    assert report["passed"] and report["int8"]["status"] == "dropped"
+    assert json.loads((tmp_path / "export.json").read_text())["int8"]["status"] == "dropped"  # recorded on disk
+    assert "accuracy" in report["int8"] and "path" not in report["int8"]
+    assert (tmp_path / "int8").is_dir() and not list((tmp_path / "int8").iterdir())  # nothing, not even a temp file
+    assert "**Dropped**" in (tmp_path / "model_card.md").read_text()
+
+
+def test_model_card_has_the_key_sections(setup, exported):
+    root, _, _ = setup
+    path, report = exported
+    card = (root / "model_card.md").read_text()
+    for section in ("## Intended use", "## Data", "## Training recipe", "## Metrics (test split)", "## Gate verdict",
+                    "## Export verification", "## INT8 model", "## Input contract", "## Known limits"):
+        assert section in card, section
+    meta = export.read_metadata(path)
+    assert meta["data_version"] in card and report["sha256"] in card and "`bright`, `dark`" in card
+    assert "| frozen | 10 | head |" in card  # the recipe comes from the checkpoint's config
+    assert "61.00% – 100.00%" in card  # the CI from the metrics
+    assert "Kept: INT8 test accuracy" in card and "uint8 RGB NCHW" in card
+    assert "| test | " in card and "all gates passed" in card
+
+
+def test_model_card_without_int8_says_so(setup):
+    _, _, ckpt = setup
+    card = export.model_card(
+        {"input_contract": "x", "data_version": "d"}, torch.load(ckpt, weights_only=True),
+        {"accuracy": 0.9, "n": 6}, {"passed": True, "reason": "ok"},
+        {"max_abs_logit_diff": 0.0, "max_abs_diff_bound": 1e-3, "top1_agreement": 1.0, "min_top1_agreement": 0.999,
+         "onnx_accuracy": 0.9, "onnx_macro_recall": 0.9, "onnx_macro_f1": 0.9, "n": 6},
+        {"enabled": False, "status": "disabled"}, {"test": {"bright": 3, "dark": 3}}, "elpv, task binary")
+    assert "Not produced (`export.int8: false`)" in card and "CC BY-NC-SA 4.0" in card

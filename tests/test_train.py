@@ -125,3 +125,15 @@ def test_learns_a_separable_problem(base):
     m, best, history = train.fit(m, ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0, torch.device("cpu"))
     assert best["val"]["accuracy"] >= 0.9
     assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_progressive_resizing_selects_only_full_size_epochs(base):
+    x, y = toy(n=16, size=96)
+    m = fresh(base)
+    p = TrainParams(batch_size=8, image_size=96, cpu_image_size=96, stages=[
+        StageParams(name="small", epochs=2, trainable="head", lr=3e-2, image_scale=0.67),
+        StageParams(name="full", epochs=1, trainable="head", lr=1e-3),
+    ])
+    _, best, history = train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    assert [h["image_size"] for h in history] == [64, 64, 96]
+    assert best["stage"] == "full"
