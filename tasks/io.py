@@ -71,5 +71,5 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("great_expectations", "matplotlib", "PIL", "urllib3", "onnxscript", "torch.onnx"):
+    for noisy in ("great_expectations", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
