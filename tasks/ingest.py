@@ -10,6 +10,7 @@ dropped: the validate stage decides what to do with them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,28 @@ def elpv_root() -> Path:
     import elpv_dataset
 
     return Path(elpv_dataset.__file__).parent / "data"
+
+
+def elpv_fingerprint(root: Path) -> dict:
+    """Content hashes of the installed ELPV data (labels file; image names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted((root / "images").iterdir()):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return {"labels_sha256": hashlib.sha256((root / "labels.csv").read_bytes()).hexdigest(), "images_sha256": h.hexdigest()}
+
+
+def check_elpv_source(source_dir: Path) -> None:
+    """The installed package must hold exactly the data `source_dir/SOURCE.json` pins."""
+    pin_file = Path(source_dir) / "SOURCE.json"
+    if not pin_file.is_file():
+        raise SourceError(f"{pin_file} not found: data.path must name the folder that pins the ELPV source (sources/elpv)")
+    pinned = json.loads(pin_file.read_text())
+    actual = elpv_fingerprint(elpv_root())
+    for key, value in actual.items():
+        if pinned.get(key) != value:
+            raise SourceError(f"the installed elpv-dataset differs from {pin_file} ({key} {value[:12]}... != "
+                              f"{str(pinned.get(key))[:12]}...); install version {pinned.get('version')} or update the pin")
 
 
 def elpv_table(task: str = "binary", defect_threshold: float = 0.5) -> pd.DataFrame:
@@ -140,6 +163,8 @@ def probe_all(sources: list[str], workers: int, max_pixels: int) -> pd.DataFrame
 
 def source_table(source: str, path: str | None, task: str, defect_threshold: float) -> pd.DataFrame:
     if source == "elpv":
+        if path:
+            check_elpv_source(Path(path))
         return elpv_table(task, defect_threshold)
     if source == "folder":
         return folder_table(path)

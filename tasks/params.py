@@ -39,7 +39,7 @@ class SplitParams(Strict):
 
 class DataParams(Strict):
     source: Literal["elpv", "folder", "manifest"] = "elpv"
-    path: str | None = None
+    path: str | None = "sources/elpv"
     task: Literal["binary", "four_class"] = "binary"
     defect_threshold: Fraction = 0.5
     split: SplitParams = Field(default_factory=SplitParams)

@@ -98,6 +98,34 @@ def test_gate_threshold_change_reruns_only_gate_and_export(repro_project):
     assert ran == {"gate", "export"}, out
 
 
+def test_changed_image_reruns_validate_and_everything_downstream(repro_project):
+    root = repro_project
+    img = sorted((root / "raw" / "dark").iterdir())[0]
+    from PIL import Image
+
+    Image.open(img).rotate(90).save(img)
+    status = dvc("status", cwd=root).stdout
+    assert "ingest:" in status and "modified:" in status and "raw" in status  # says why
+    out = dvc("repro", cwd=root).stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"ingest", "validate", "train", "evaluate", "gate", "export"} <= ran, out
+    assert "fetch_model" not in ran
+
+
+def test_push_and_pull_with_a_local_remote(repro_project, tmp_path):
+    """`dvc push` to a directory remote, lose every output and the cache, `dvc pull` brings them back."""
+    root = repro_project
+    dvc("remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=root)
+    dvc("push", cwd=root)
+    onnx_bytes = (root / "models/model.onnx").read_bytes()
+    for rel in ("data", "models", ".dvc/cache"):
+        shutil.rmtree(root / rel)
+    dvc("pull", cwd=root)
+    assert (root / "models/model.onnx").read_bytes() == onnx_bytes
+    assert len(list((root / "data/images").rglob("*.png"))) == 48
+    assert "up to date" in dvc("status", cwd=root).stdout
+
+
 def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, prefect_server, tmp_path):
     from flows.pipeline import finetune_pipeline
 

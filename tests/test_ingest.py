@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -63,3 +66,15 @@ def test_run_materialises_images_and_manifest(tiny_folder, tmp_path):
     assert len(m) == 48 and m["decodes_ok"].all()
     assert all((out / "images" / p).is_file() for p in m["path"])
     assert {"sha256", "width", "height", "mode", "bytes", "error"} <= set(m.columns)
+
+
+def test_elpv_source_is_pinned_by_content(tmp_path):
+    repo_pin = Path(__file__).resolve().parents[1] / "sources" / "elpv"
+    ingest.check_elpv_source(repo_pin)  # the installed package matches the committed pin
+    pin = json.loads((repo_pin / "SOURCE.json").read_text())
+    pin["labels_sha256"] = "0" * 64
+    (tmp_path / "SOURCE.json").write_text(json.dumps(pin))
+    with pytest.raises(ingest.SourceError, match="differs from .*SOURCE.json"):
+        ingest.check_elpv_source(tmp_path)
+    with pytest.raises(ingest.SourceError, match="not found"):
+        ingest.check_elpv_source(tmp_path / "nowhere")
