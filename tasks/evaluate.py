@@ -16,8 +16,9 @@ import pandas as pd
 import torch
 
 from tasks.data import split_arrays
+from tasks.ingest import read_manifest
 from tasks.io import atomic_path, write_json
-from tasks.metrics import classification_metrics, confusion
+from tasks.metrics import bootstrap_ci, classification_metrics, confusion
 from tasks.train import load_checkpoint, pick_device, predict_logits
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     classes, pre = ckpt["classes"], ckpt["preprocessing"]
     device = pick_device()
     model.to(device).to(memory_format=torch.channels_last)
-    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    manifest = read_manifest(manifest_path)
     test = manifest[manifest["split"] == "test"]
     if test.empty:
         raise ValueError(f"{manifest_path}: no 'test' images to evaluate on; check data.split.test")
@@ -62,6 +63,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     probs = logits.softmax(1)
     pred = probs.argmax(1)
     metrics = classification_metrics(labels.numpy(), pred.numpy(), classes)
+    metrics["ci"] = bootstrap_ci(labels.numpy(), pred.numpy(), len(classes))  # 95%, 1000 resamples
     metrics["classes"] = classes
     metrics["image_size"] = pre["size"]
     metrics["seconds"] = round(time.time() - t0, 2)
@@ -76,6 +78,6 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
         preds.to_csv(tmp, index=False)
     plot_confusion(confusion(labels.numpy(), pred.numpy(), len(classes)), classes, confusion_png,
                    f"test: acc {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}")
-    log.info("evaluate: %d test images: accuracy %.4f, macro recall %.4f, macro F1 %.4f", len(test),
-             metrics["accuracy"], metrics["macro_recall"], metrics["macro_f1"])
+    log.info("evaluate: %d test images: accuracy %.4f (95%% CI %.4f-%.4f), macro recall %.4f, macro F1 %.4f", len(test),
+             metrics["accuracy"], *metrics["ci"]["accuracy"], metrics["macro_recall"], metrics["macro_f1"])
     return metrics

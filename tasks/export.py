@@ -41,6 +41,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 from tasks.data import split_arrays
+from tasks.ingest import read_manifest
 from tasks.io import atomic_path, atomic_write, read_json, sha256_file, write_json
 from tasks.metrics import classification_metrics
 from tasks.train import load_checkpoint
@@ -426,7 +427,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
         "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "macro_recall", "macro_f1", "n")}),
         "gate_verdict": json.dumps({"passed": verdict["passed"], "reason": verdict["reason"]}),
     }
-    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    manifest = read_manifest(manifest_path)
     images, labels = split_arrays(manifest, images_dir, "test", classes, pre["size"], workers)
     with torch.no_grad():
         torch_logits = torch.cat([module(images[i : i + 32])[0] for i in range(0, len(images), 32)]).numpy() \

@@ -120,6 +120,15 @@ def manifest_table(manifest: str | Path) -> pd.DataFrame:
     return df
 
 
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a pipeline manifest keeping text as text: a class named 'NA' or '007' stays that string."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, keep_default_na=False,
+                       dtype={c: str for c in ("path", "label", "split", "mode", "sha256", "error")})
+
+
 def _stable_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 

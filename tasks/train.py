@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from tasks import models
 from tasks.data import apply_variant, class_weights, normalise, resize_batch, split_arrays, variants_for
+from tasks.ingest import read_manifest
 from tasks.io import atomic_path, read_json, write_json
 from tasks.metrics import classification_metrics
 from tasks.params import StageParams, TrainParams
@@ -336,7 +337,7 @@ def run(manifest_path: Path, images_dir: Path, base_dir: Path, params: TrainPara
         torch.backends.cudnn.benchmark = True
     else:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    manifest = read_manifest(manifest_path)
     classes = sorted(manifest["label"].astype(str).unique())
     for split in ("train", "val"):
         if not (manifest["split"] == split).any():

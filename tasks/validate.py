@@ -25,6 +25,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.ingest import read_manifest
 from tasks.io import atomic_path, atomic_write, write_json
 from tasks.params import ValidateParams
 
@@ -577,13 +578,6 @@ def summary_markdown(outcome: ValidationOutcome) -> str:
         if len(outcome.quarantined) > OFFENDING_CAP:
             lines.append(f"- ... and {len(outcome.quarantined) - OFFENDING_CAP} more (see results JSON)")
     return "\n".join(lines) + "\n"
-
-
-def read_manifest(path: Path) -> pd.DataFrame:
-    """Read a manifest keeping text as text: a class named 'NA' or an empty error stays a string."""
-    if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, keep_default_na=False, dtype={c: str for c in ("path", "label", "split", "mode", "sha256", "error")})
 
 
 def _missing_files(manifest: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
