@@ -177,12 +177,20 @@ def stage_train(
     checkpoint: Path = Path("models/model.pt"),
     metrics: Path = Path("reports/train/summary.json"),
     history: Path = Path("reports/train/history.csv"),
+    state: Annotated[Path, typer.Option(help="Training state saved after every epoch (removed when training "
+                                        "completes); what --resume continues from.")] = Path("models/train_state.pt"),
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from --state when it is from a run "
+                                         "with the same data, weights and params (e.g. after a kill).")] = True,
 ) -> None:
-    """Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint by validation score."""
+    """Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint by validation score.
+
+    Multi-GPU / multi-node: start it under torchrun (`torchrun --nproc_per_node 4 -m tasks.cli stage train`).
+    """
     from tasks import train
 
     p = _params(params)
-    train.run(manifest, images, base, p.train, p.seed, checkpoint, metrics, history, workers=p.data.workers)
+    train.run(manifest, images, base, p.train, p.seed, checkpoint, metrics, history, workers=p.data.workers,
+              state_path=state, resume=resume)
 
 
 @stage_app.command("evaluate")

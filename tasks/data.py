@@ -1,10 +1,12 @@
 """Decoded image tensors and dihedral (D4) augmentation shared by training and evaluation.
 
-Images are decoded once, resized to the model's input size and kept as one uint8 tensor
-(N, 3, S, S) in memory (ELPV at 224 px: about 400 MB). Augmentation is restricted to the
-eight flips/90-degree rotations of the square: they suit electroluminescence images (a cell
-has no preferred orientation) and, being a finite set, let the trainer cache the output of
-frozen layers per variant and stay exactly equivalent to augmenting on the fly.
+Images are decoded once (in threads), resized to the model's input size and kept as one uint8
+tensor (N, 3, S, S) in memory (ELPV at 224 px: about 400 MB); augmentation then runs as tensor
+ops on the training device, so no DataLoader workers are needed. The default augmentation is
+the eight flips/90-degree rotations of the square: they suit electroluminescence images (a
+cell has no preferred orientation) and, being a finite set, let the trainer cache the output
+of frozen layers per variant and stay equivalent to augmenting on the fly. Random crops and
+brightness/contrast jitter are available too; they switch that cache off.
 """
 
 from __future__ import annotations
@@ -55,8 +57,41 @@ def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
     return torch.flip(x, dims=(3,)) if variant >= 4 else x
 
 
+DIHEDRAL = {"hflip", "vflip", "rot90"}
+
+
+def random_crop_resize(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Per image: a random square crop covering `min_scale`..1 of the area, resized back (float input)."""
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    scales = min_scale + (1 - min_scale) * torch.rand(n, generator=gen)
+    where = torch.rand((n, 2), generator=gen)
+    for i in range(n):
+        side = max(8, int(round(min(h, w) * scales[i].sqrt().item())))
+        top, left = int(where[i, 0] * (h - side)), int(where[i, 1] * (w - side))
+        crop = x[i : i + 1, :, top : top + side, left : left + side]
+        out[i : i + 1] = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False,
+                                                         antialias=False)
+    return out
+
+
+def random_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Per image: brightness and contrast scaled by factors in [1 - strength, 1 + strength] (float 0..1
+    input; the same factor for every channel, which suits grayscale images such as EL cells)."""
+    n = x.shape[0]
+    factors = 1 + strength * (2 * torch.rand((n, 2), generator=gen) - 1)
+    brightness = factors[:, 0].view(n, 1, 1, 1).to(x.device)
+    contrast = factors[:, 1].view(n, 1, 1, 1).to(x.device)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0.0, 1.0)
+
+
 def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    x = x_uint8.float().div_(255.0)
+    return standardise(x_uint8.float().div_(255.0), mean, std)
+
+
+def standardise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Float 0..1 images -> (x - mean) / std per channel."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s

@@ -298,7 +298,7 @@ def model_card(metadata: dict[str, str], ckpt: dict, metrics: dict, verdict: dic
              f"mean {list(pre['mean'])}, std {list(pre['std'])}.")]
     if train_cfg:
         para(f"- Seed {config.get('seed')}, batch size {train_cfg.get('batch_size')}, augmentation ",
-             f"{train_cfg.get('augment') or 'none'}, class weighting {train_cfg.get('class_weighting')}, label ",
+             f"{train_cfg.get('augment') or 'none'}, class imbalance handling {train_cfg.get('imbalance')}, label ",
              f"smoothing {train_cfg.get('label_smoothing')}, gradient clip {train_cfg.get('grad_clip')}, checkpoint ",
              f"selected by validation {train_cfg.get('select_metric')}.")
         out += ["| stage | epochs | trainable | lr | backbone lr x | weight decay | warmup epochs | BatchNorm |",

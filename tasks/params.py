@@ -84,8 +84,11 @@ class StageParams(Strict):
     lr: PositiveFloat = 1e-3
     backbone_lr_mult: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
-    bn: Literal["train", "eval"] = "eval"
+    bn: Literal["train", "eval", "frozen"] = "eval"
     image_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
@@ -93,12 +96,18 @@ class TrainParams(Strict):
     image_size: Annotated[int, Field(ge=32, le=1024)] = 300
     cpu_image_size: Annotated[int, Field(ge=32, le=1024)] | None = 224
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    augment: list[Literal["hflip", "vflip", "rot90"]] = Field(default_factory=lambda: ["hflip", "vflip", "rot90"])
-    class_weighting: bool = True
+    augment: list[Literal["hflip", "vflip", "rot90", "crop", "jitter"]] = Field(
+        default_factory=lambda: ["hflip", "vflip", "rot90"])
+    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85
+    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    imbalance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
     cache_features: bool = True
     select_metric: Literal["macro_f1", "accuracy", "macro_recall", "loss"] = "macro_f1"
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    compile: bool = False
     threads: Annotated[int, Field(ge=0, le=256)] = 0
     stages: list[StageParams] = Field(
         default_factory=lambda: [

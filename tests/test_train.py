@@ -137,3 +137,151 @@ def test_progressive_resizing_selects_only_full_size_epochs(base):
     _, best, history = train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
     assert [h["image_size"] for h in history] == [64, 64, 96]
     assert best["stage"] == "full"
+
+
+# ---- stage boundaries, optimizers, schedules, BatchNorm policies, early stopping, sampling --------
+
+
+class Interrupt(Exception):
+    pass
+
+
+def two_stages(**kw):
+    return params(StageParams(name="frozen", epochs=2, trainable="head", lr=3e-2),
+                  StageParams(name="unfrozen", epochs=2, trainable=2, lr=1e-3, backbone_lr_mult=0.1,
+                              warmup_epochs=0.5), **kw)
+
+
+def comparable(history):
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3])  # mid frozen stage, right after the unfreeze, mid unfrozen stage
+def test_interrupted_run_resumes_to_the_same_weights(base, tmp_path, stop_after):
+    x, y = toy(n=24)
+    vx, vy = toy(n=8, seed=1)
+    p = two_stages()
+    m_ref, _, h_ref = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"))
+
+    state = tmp_path / "state.pt"
+
+    def stop(history):
+        if len(history) == stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"), on_epoch=stop,
+                  state_path=state, fingerprint="f")
+    saved = torch.load(state, weights_only=False)
+    assert len(saved["history"]) == stop_after
+    m, _, h = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"),
+                        state_path=state, fingerprint="f")
+    assert comparable(h) == comparable(h_ref)  # same losses, metrics and learning rates epoch by epoch
+    ref = m_ref.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+
+
+def test_a_state_from_another_run_is_not_resumed(base, tmp_path):
+    x, y = toy(n=16)
+    p = params(StageParams(name="s", epochs=2, trainable="head", lr=3e-2))
+    state = tmp_path / "state.pt"
+
+    def stop(history):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"), on_epoch=stop,
+                  state_path=state, fingerprint="old")
+    _, _, history = train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"),
+                              state_path=state, fingerprint="new")
+    assert len(history) == 2  # started over
+
+
+def test_optimizer_state_carries_over_for_parameters_that_keep_training(base):
+    m = fresh(base)
+    first = StageParams(name="a", epochs=1, trainable="head", lr=1e-2)
+    staged = train.StagedModel(m, "head", "eval")
+    opt1 = train.make_optimizer(train.param_groups(m, first), first, None)
+    m.get_classifier()(torch.randn(4, m.num_features)).sum().backward()
+    opt1.step()
+    second = StageParams(name="b", epochs=1, trainable=1, lr=1e-3, backbone_lr_mult=0.1)
+    staged = train.StagedModel(m, 1, "eval")
+    groups = train.param_groups(m, second)
+    opt2 = train.make_optimizer(groups, second, opt1)
+    head = m.get_classifier().weight
+    assert opt2.state[head] is opt1.state[head] and int(opt2.state[head]["step"]) == 1
+    assert {g["name"]: g["lr"] for g in opt2.param_groups} == {
+        "backbone": 1e-4, "backbone/no_decay": 1e-4, "head": 1e-3, "head/no_decay": 1e-3}
+    assert staged.n_frozen is not None
+    sgd = StageParams(name="c", epochs=1, trainable=1, lr=1e-3, optimizer="sgd")
+    opt3 = train.make_optimizer(train.param_groups(m, sgd), sgd, opt2)
+    assert isinstance(opt3, torch.optim.SGD) and not opt3.state  # AdamW moments mean nothing to SGD
+
+
+def test_schedules():
+    cos = train.lr_lambda(100, 10, "cosine")
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(99) < 0.01
+    one = train.lr_lambda(100, 0, "onecycle")
+    assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1.0)
+    assert one(100) == pytest.approx(1e-4) and max(one(s) for s in range(100)) == pytest.approx(1.0)
+    const = train.lr_lambda(100, 0, "constant")
+    assert const(0) == const(99) == 1.0
+
+
+def test_sgd_onecycle_stage_learns(base):
+    x, y = toy(n=32)
+    vx, vy = toy(n=16, seed=1)
+    p = params(StageParams(name="s", epochs=3, trainable="head", lr=5e-2, optimizer="sgd", schedule="onecycle"))
+    _, best, history = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0, torch.device("cpu"))
+    assert best["val"]["accuracy"] >= 0.9 and history[-1]["lr"] < 1e-4 * 5e-2 * 1.01
+
+
+def test_bn_policies(base):
+    x, y = toy(n=16)
+    results = {}
+    for policy in ("train", "eval", "frozen"):
+        m = fresh(base)
+        before = copy.deepcopy(m.state_dict())
+        p = params(StageParams(name="s", epochs=1, trainable="all", lr=1e-3, bn=policy))
+        train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+        after = m.state_dict()
+        results[policy] = {
+            "stats": not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"]),
+            "affine": not torch.equal(before["bn1.weight"], after["bn1.weight"]),
+            "conv": not torch.equal(before["conv_stem.weight"], after["conv_stem.weight"]),
+        }
+    assert results["train"] == {"stats": True, "affine": True, "conv": True}
+    assert results["eval"] == {"stats": False, "affine": True, "conv": True}
+    assert results["frozen"] == {"stats": False, "affine": False, "conv": True}
+
+
+def test_early_stopping_ends_a_stage_and_the_next_one_runs(base):
+    x, y = toy(n=16)
+    p = params(StageParams(name="stuck", epochs=6, trainable="head", lr=1e-12, schedule="constant"),
+               StageParams(name="next", epochs=1, trainable="head", lr=1e-2), early_stopping_patience=2)
+    _, _, history = train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    assert [h["stage"] for h in history] == ["stuck"] * 3 + ["next"]
+
+
+def test_class_balanced_sampler_draws_the_minority_half_the_time():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    weights = class_weights(labels, 2)[labels]
+    order = train.epoch_order(len(labels), weights, torch.Generator().manual_seed(0))
+    share = (labels[order] == 1).float().mean().item()
+    assert 0.4 < share < 0.6
+    assert sorted(train.epoch_order(5, None, torch.Generator().manual_seed(0)).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_crop_and_jitter_are_seeded_and_turn_the_cache_off(base, caplog):
+    x, y = toy(n=16)
+    p = params(StageParams(name="s", epochs=1, trainable="head", lr=1e-2), augment=["hflip", "crop", "jitter"])
+    with caplog.at_level("INFO", logger="tasks.train"):
+        runs = [train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))[2]
+                for _ in range(2)]
+    assert "cached prefix=False" in caplog.text
+    assert comparable(runs[0]) == comparable(runs[1])
+    g = torch.Generator().manual_seed(0)
+    out = train.prepare(x[:4], 0, MEAN, STD, "cpu", {"crop", "jitter"}, 0.5, 0.2, g)
+    assert out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()
+    plain = train.prepare(x[:4], 0, MEAN, STD, "cpu")
+    assert not torch.allclose(out, plain)
