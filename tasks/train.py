@@ -236,30 +236,33 @@ def eval_mode(model: nn.Module):
 
 
 class FeatureCache:
-    """Prefix outputs per (variant, image), computed on first use.
+    """Prefix outputs per (variant, image), computed once, before the epoch that first needs them.
 
-    On CPU each entry is computed from its image alone: CPU kernels round differently for
-    different batch sizes, and a value that does not depend on which batch first asked for it
-    is what lets a resumed run (whose cache starts empty) match an uninterrupted one exactly.
-    Batch size 1 costs nothing on CPU for these networks; on GPUs whole batches are used.
+    Entries are always computed in chunks of exactly `batch_size` images (the last chunk padded
+    with repeats): CPU kernels round differently for different batch sizes, but not for different
+    images at the same batch size. So an entry's value does not depend on when or next to which
+    images it was computed, and a resumed run (whose cache starts empty) reproduces an
+    uninterrupted one bit for bit.
     """
 
     def __init__(self, staged: StagedModel, images: torch.Tensor, mean, std, device, batch_size: int,
                  precision: Precision = Precision()):
         self.staged, self.images, self.mean, self.std = staged, images, mean, std
-        self.device, self.precision = device, precision
-        self.chunk = 1 if device.type == "cpu" else batch_size
+        self.device, self.precision, self.chunk = device, precision, batch_size
         self.store: dict[int, torch.Tensor] = {}
         self.done: dict[int, torch.Tensor] = {}
 
-    def get(self, variant: int, idx: torch.Tensor) -> torch.Tensor:
+    def fill(self, variant: int, idx: torch.Tensor, desc: str | None = None) -> None:
+        """Compute the entries of `idx` for `variant` that are not cached yet."""
         done = self.done.setdefault(variant, torch.zeros(len(self.images), dtype=torch.bool))
-        missing = idx[~done[idx]]
-        for start in range(0, len(missing), self.chunk):
+        missing = idx[~done[idx]].unique()
+        starts = range(0, len(missing), self.chunk)
+        for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=True if desc is None else None):
             chunk = missing[start : start + self.chunk]
-            x = prepare(self.images[chunk], variant, self.mean, self.std, self.device)
+            padded = torch.cat([chunk, chunk[:1].expand(self.chunk - len(chunk))])
+            x = prepare(self.images[padded], variant, self.mean, self.std, self.device)
             with eval_mode(self.staged.model), torch.no_grad(), self.precision.autocast(self.device):
-                f = self.staged.prefix(x).float().cpu()
+                f = self.staged.prefix(x)[: len(chunk)].float().cpu()
             if variant not in self.store:  # same memory format as the live path, so the same kernels run
                 fmt = torch.channels_last if f.ndim == 4 else torch.contiguous_format
                 self.store[variant] = torch.empty((len(self.images), *f.shape[1:]), dtype=f.dtype).to(memory_format=fmt)
@@ -267,6 +270,9 @@ class FeatureCache:
                     self.store[variant] = self.store[variant].pin_memory()
             self.store[variant][chunk] = f
             done[chunk] = True
+
+    def get(self, variant: int, idx: torch.Tensor) -> torch.Tensor:
+        self.fill(variant, idx)
         return self.store[variant][idx]
 
 
@@ -488,14 +494,17 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
             staged.train_mode()
             order = epoch_order(len(train_x), sample_weight, gen)
             choice = variants[(offsets + epoch) % len(variants)]
+            # this rank's share of each batch; a last batch too small to give every rank an image is skipped
+            batches = [b[dist.rank :: dist.world] for b in order.split(params.batch_size) if len(b) >= dist.world]
+            if use_cache:
+                mine = torch.cat(batches)
+                for v in variants.tolist():
+                    train_cache.fill(v, mine[choice[mine] == v],
+                                     desc=f"cache features (variant {v})" if dist.main else None)
             total_loss, seen = 0.0, 0
-            bar = tqdm(range(0, len(order), params.batch_size), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                       unit="batch", leave=False, disable=None if dist.main else True)
-            for start in bar:
-                idx = order[start : start + params.batch_size]
-                if len(idx) < dist.world:
-                    continue  # a last batch too small to give every rank an image: skipped by all ranks alike
-                idx = idx[dist.rank :: dist.world]
+            bar = tqdm(batches, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", unit="batch", leave=False,
+                       disable=None if dist.main else True)
+            for idx in bar:
                 var = choice[idx]
                 inputs, targets = [], []
                 for v in var.unique().tolist():
