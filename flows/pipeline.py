@@ -100,6 +100,20 @@ def publish(workdir: str) -> dict:
     return metrics
 
 
+@task(name="publish-training", cache_policy=None)
+def publish_training(workdir: str) -> None:
+    """Per-epoch training metrics (what `dvc plots show` draws) as a table on the flow run's page."""
+    import csv
+
+    path = Path(workdir) / "reports/train/history.csv"
+    if not path.exists():
+        return
+    keep = ("stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
+    with path.open() as f:
+        rows = [{k: (r[k] if k == "stage" else round(float(r[k]), 6)) for k in keep if k in r} for r in csv.DictReader(f)]
+    create_table_artifact(key="training-history", table=rows, description="Training: one row per epoch")
+
+
 def _publish_failed_gate(workdir: str) -> None:
     path = Path(workdir) / OUTPUTS["report"]
     if path.exists():
@@ -117,6 +131,8 @@ def finetune_pipeline(params_file: str = "params.yaml", overrides: list[str] | N
     for stage in STAGES:
         try:
             ran[stage] = run_stage(stage, cfg.workdir)
+            if stage == "train" and ran[stage] == "ran":
+                publish_training(cfg.workdir)
         except StageFailed:
             if stage == "gate":
                 _publish_failed_gate(cfg.workdir)

@@ -83,9 +83,10 @@ def init_distributed() -> Dist:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not torch_dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+        # FINETUNE_DIST_BACKEND=gloo lets several processes share one GPU (NCCL refuses that)
+        backend = os.environ.get("FINETUNE_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(pick_device(local_rank))
         torch_dist.init_process_group(backend=backend)
     return Dist(rank=rank, world=world, local_rank=local_rank)
 
@@ -99,7 +100,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def pick_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

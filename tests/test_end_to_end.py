@@ -138,6 +138,14 @@ def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, pref
         assert read(root, "reports/eval/metrics.json")[key] == read(repro_project, "reports/eval/metrics.json")[key]
     assert "up to date" in dvc("status", cwd=root).stdout
     assert Path(result["outputs"]["model"]).is_file()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-history"])))
+    assert artifacts
+    table = artifacts[0].data if not isinstance(artifacts[0].data, str) else json.loads(artifacts[0].data)
+    assert len(table) == 3 and {"stage", "val_macro_f1"} <= set(table[0])  # one row per epoch
 
     # a second flow run finds everything up to date and skips all stages
     again = finetune_pipeline(workdir=str(root))
