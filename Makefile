@@ -27,6 +27,7 @@ test-fast: setup  ## everything but the slow end-to-end tests
 
 bench: setup  ## benchmarks (print a table, write JSON to bench/results/)
 	$(PY) bench/bench_onnx.py
+	$(PY) bench/bench_train.py
 
 clean:  ## remove pipeline outputs (not the venv)
 	rm -rf data models reports dvc.lock

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
 from tasks import export, models
 from tasks.data import split_arrays
 from tasks.io import read_json, setup_logging, write_json
@@ -40,16 +41,6 @@ from tasks.train import load_checkpoint
 log = logging.getLogger("bench_onnx")
 TARGETS = {"ort_fp32_speedup": 1.5, "ort_int8_speedup": 2.5, "int8_max_accuracy_drop": 0.01}
 ENGINES = ("pytorch eager", "pytorch eager channels_last", "onnxruntime fp32", "onnxruntime int8")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ort_session(path: Path, threads: int):

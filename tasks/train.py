@@ -415,11 +415,11 @@ def load_state(path: Path | None, fingerprint: str) -> dict | None:
 def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, params: TrainParams, mean, std, seed: int,
         device: torch.device, on_epoch=None, state_path: Path | None = None, fingerprint: str = "",
-        dist: Dist = Dist()) -> tuple[nn.Module, dict, list[dict]]:
+        resume: bool = True, dist: Dist = Dist()) -> tuple[nn.Module, dict, list[dict]]:
     """Run every stage; return the model with the best validation weights, the best record, history.
 
-    With `state_path`, the training state is saved there after every epoch and, when it matches
-    `fingerprint`, a previous run is continued from it.
+    With `state_path`, the training state is saved there after every epoch and, with `resume`
+    and a saved state matching `fingerprint`, a previous run is continued from it.
     """
     gen = seed_everything(seed)  # batch order and variants: the same on every rank
     if dist.world > 1:
@@ -438,7 +438,7 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
     best: dict = {"score": -math.inf}
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict] = []
-    resume = load_state(state_path, fingerprint)
+    resume = load_state(state_path, fingerprint) if resume else None
     if resume is not None:
         model.load_state_dict(resume["model"])
         best, best_state, history = resume["best"], resume["best_state"], resume["history"]
@@ -674,8 +674,6 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
     models.with_new_head(model, len(classes), seed)
     mean, std = base_meta["mean"], base_meta["std"]
     fingerprint = run_fingerprint(manifest_path, base_dir, params, seed, dist.world)
-    if state_path is not None and not resume and dist.main:
-        Path(state_path).unlink(missing_ok=True)
     t0 = time.time()
     train_x, train_y = split_arrays(manifest, images_dir, "train", classes, size, workers)
     val_x, val_y = split_arrays(manifest, images_dir, "val", classes, size, workers)
@@ -685,7 +683,7 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
                  f", {dist.world} processes" if dist.world > 1 else "", classes)
     model, best, history = fit(model, classes, train_x, train_y, val_x, val_y, params, mean, std, seed, device,
                                on_epoch=lambda h: write_history(history_path, h), state_path=state_path,
-                               fingerprint=fingerprint, dist=dist)
+                               fingerprint=fingerprint, resume=resume, dist=dist)
     wall = time.time() - t0
     summary = {"best": best, "wall_time_s": round(wall, 1), "image_size": size, "device": str(device),
                "processes": dist.world, "n_train": len(train_x), "n_val": len(val_x), "epochs": len(history)}

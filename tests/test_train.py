@@ -156,12 +156,20 @@ def comparable(history):
     return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(base):
+    x, y = toy(n=24)
+    vx, vy = toy(n=8, seed=1)
+    m, _, history = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, two_stages(), MEAN, STD, 3, torch.device("cpu"))
+    return m, history
+
+
 @pytest.mark.parametrize("stop_after", [1, 2, 3])  # mid frozen stage, right after the unfreeze, mid unfrozen stage
-def test_interrupted_run_resumes_to_the_same_weights(base, tmp_path, stop_after):
+def test_interrupted_run_resumes_to_the_same_weights(base, uninterrupted, tmp_path, stop_after):
     x, y = toy(n=24)
     vx, vy = toy(n=8, seed=1)
     p = two_stages()
-    m_ref, _, h_ref = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"))
+    m_ref, h_ref = uninterrupted
 
     state = tmp_path / "state.pt"
 
