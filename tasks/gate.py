@@ -262,6 +262,7 @@ def judge_champion(cfg: GateParams, root: Path, checkpoint_sha256: str, predicti
         if sorted(rows["path"]) != sorted(test_paths):
             return champion_unusable(version, f"{predictions} does not cover the manifest's test split; rerun evaluate")
         onnx = Path(root) / "versions" / version / "model.onnx"
+        log.info("gate: scoring champion %s (%s) on the candidate's %d test images", version, onnx, len(rows))
         champ_classes, champ_probs = champion_probabilities(onnx, [Path(images_dir) / p for p in rows["path"]], workers)
         if champ_classes != classes:
             return champion_unusable(version, f"champion {version} predicts {champ_classes}, the candidate {classes}: "

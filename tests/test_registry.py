@@ -154,3 +154,63 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
         registry.read_metadata(root, "v1")
     with pytest.raises(RegistryError, match="needs a model.onnx"):
         registry.register(root, {}, {})
+
+
+# ---- the promote stage ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """What the export stage leaves: an ONNX model with metadata, a card, and the gate's verdict."""
+    from tasks.io import write_json
+    from tests.test_gate import brightness_onnx
+
+    out = tmp_path / "ws"
+    (out / "int8").mkdir(parents=True)
+    brightness_onnx(out / "model.onnx", ["bright", "dark"])
+    (out / "model_card.md").write_text("# card")
+    (out / "predictions.csv").write_text("path,actual,predicted\n")
+    write_json(out / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.88, "n": 10, "ci": {"accuracy": [0.8, 1.0]}})
+    write_json(out / "verdict.json", {"passed": True, "reason": "all gates passed",
+                                      "champion": {"status": "none", "version": None},
+                                      "candidate": {"checkpoint_sha256": "c" * 64}})
+    return out
+
+
+def promote_stage(ws: Path, root: Path) -> dict:
+    from tasks import promote
+
+    return promote.run(ws / "model.onnx", ws / "int8", ws / "model_card.md", ws / "verdict.json", ws / "metrics.json",
+                       ws / "predictions.csv", root, ws / "promote.json")
+
+
+def test_promote_stage_registers_once_and_moves_the_alias(exported, tmp_path):
+    root = tmp_path / "reg"
+    report = promote_stage(exported, root)
+    assert report == {**report, "version": "v0001", "registered": True, "promoted": True, "champion": "v0001",
+                      "previous_champion": None}
+    meta = registry.read_metadata(root, "v0001")
+    assert meta["source"] == "pipeline" and meta["checkpoint_sha256"] == "c" * 64
+    assert meta["metrics"] == {"accuracy": 0.9, "macro_f1": 0.88, "n": 10} and meta["classes"] == ["bright", "dark"]
+    assert set(meta["files"]) == {"model.onnx", "model_card.md", "predictions.csv"}  # no INT8 file was kept
+    again = promote_stage(exported, root)  # idempotent: the same ONNX file is not a second version
+    assert (again["version"], again["registered"], again["promoted"]) == ("v0001", False, False)
+    assert registry.list_versions(root) == ["v0001"]
+
+
+def test_promote_stage_refuses_a_failed_verdict_and_a_changed_champion(exported, tmp_path):
+    from tasks.io import write_json
+    from tasks.promote import PromotionRefused
+
+    root = tmp_path / "reg"
+    verdict = json.loads((exported / "verdict.json").read_text())
+    write_json(exported / "verdict.json", {**verdict, "passed": False, "reason": "gate failed: accuracy 0.5 < 0.9"})
+    with pytest.raises(PromotionRefused, match="gate did not pass .*accuracy 0.5 < 0.9.*nothing is promoted"):
+        promote_stage(exported, root)
+    assert registry.list_versions(root) == []
+    # judged with no champion, but meanwhile someone promoted one: registered, not promoted
+    registry.promote(root, add(root, tmp_path, "other"))
+    write_json(exported / "verdict.json", verdict)
+    with pytest.raises(RegistryError, match="champion changed since the gate judged v0002"):
+        promote_stage(exported, root)
+    assert registry.read_champion(root)["version"] == "v0001"
