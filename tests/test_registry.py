@@ -214,3 +214,18 @@ def test_promote_stage_refuses_a_failed_verdict_and_a_changed_champion(exported,
     with pytest.raises(RegistryError, match="champion changed since the gate judged v0002"):
         promote_stage(exported, root)
     assert registry.read_champion(root)["version"] == "v0001"
+
+
+def test_registering_a_model_by_hand_reads_its_lineage_from_the_onnx_metadata(exported, tmp_path):
+    from tasks.promote import register_file
+
+    root = tmp_path / "reg"
+    assert register_file(exported / "model.onnx", root, model_card=exported / "model_card.md", note="reviewed") == \
+        ("v0001", True)
+    meta = registry.read_metadata(root, "v0001")
+    assert meta["source"] == "manual" and meta["note"] == "reviewed" and meta["classes"] == ["bright", "dark"]
+    assert meta["preprocessing"] == {"size": 32} and meta["checkpoint_sha256"] is None
+    assert register_file(exported / "model.onnx", root) == ("v0001", False)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(RegistryError, match="junk.onnx: not a readable ONNX model"):
+        register_file(tmp_path / "junk.onnx", root)
