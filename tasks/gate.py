@@ -63,7 +63,9 @@ def bound_gate(name: str, metric: str, direction: str, value: float | None, boun
         what = f"{name} 95% CI {'lower' if higher else 'upper'} end {judged:.4f} (estimate {value:.4f})"
     passed = judged >= bound - EPS if higher else judged <= bound + EPS
     op = (">=" if passed else "<") if higher else ("<=" if passed else ">")
-    return {**row, "passed": passed, "reason": f"{what} {op} {bound:.4f}" + ("" if conservative else _ci_text(ci))}
+    note = " (no CI: judged on the estimate)" if conservative and not ci else ""
+    return {**row, "passed": passed,
+            "reason": f"{what} {op} {bound:.4f}" + ("" if conservative else _ci_text(ci)) + note}
 
 
 def absolute_gates(metrics: dict, cfg: GateParams) -> list[dict]:

@@ -129,6 +129,9 @@ def test_conservative_judges_the_pessimistic_end_of_the_ci():
     assert judge(m, gates())["passed"]
     v = judge(m, gates(conservative=True, per_class_recall_floor=None))
     assert failed(v) == ["accuracy"] and "95% CI lower end" in v["reason"]
+    v = judge(m, gates(conservative=True, min={"macro_precision": 0.5}, per_class_recall_floor=None))
+    row = next(g for g in v["gates"] if g["name"] == "macro_precision")
+    assert row["passed"] and "no CI: judged on the estimate" in row["reason"]
 
 
 def test_missing_metric_fails():
