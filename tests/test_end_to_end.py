@@ -136,8 +136,14 @@ def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, pref
     assert set(result["stages"]) == {"ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote"}
     assert result["promotion"]["champion"] == "v0001" and "champion v0001" in result["summary"]
     assert read(root, "reports/eval/metrics.json")["accuracy"] == read(repro_project, "reports/eval/metrics.json")["accuracy"]
-    for key in ("macro_recall", "macro_f1", "per_class"):
-        assert read(root, "reports/eval/metrics.json")[key] == read(repro_project, "reports/eval/metrics.json")[key]
+    # repro_project has one rotated training image by now (test above): its predictions match, its scores
+    # (ROC/PR-AUC, ECE) need not, so only label-based metrics are compared
+    ours, theirs = read(root, "reports/eval/metrics.json"), read(repro_project, "reports/eval/metrics.json")
+    for key in ("macro_recall", "macro_f1", "confusion_matrix"):
+        assert ours[key] == theirs[key]
+    label_based = ("precision", "recall", "f1", "support")
+    assert {c: {k: v[k] for k in label_based} for c, v in ours["per_class"].items()} == \
+        {c: {k: v[k] for k in label_based} for c, v in theirs["per_class"].items()}
     assert "up to date" in dvc("status", cwd=root).stdout
     assert Path(result["outputs"]["model"]).is_file()
 
