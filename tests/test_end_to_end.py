@@ -91,7 +91,7 @@ def test_second_repro_is_a_fast_no_op(repro_project):
     assert "up to date" in dvc("status", cwd=repro_project).stdout
 
 
-def test_gate_threshold_change_reruns_only_gate_and_export(repro_project):
+def test_gate_threshold_change_reruns_only_gate_export_and_promote(repro_project):
     root = repro_project
     write_overrides(root / "params.yaml", ["gates.min.accuracy=0.55"])
     out = dvc("repro", cwd=root).stdout
