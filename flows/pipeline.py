@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
-STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export")
+STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote")
 OUTPUTS = {
     "model": "models/model.onnx",
     "model_int8": "models/int8",
@@ -31,6 +31,7 @@ OUTPUTS = {
     "metrics": "reports/eval/metrics.json",
     "verdict": "reports/gate/verdict.json",
     "report": "reports/gate/verdict.md",
+    "promotion": "reports/promote.json",
 }
 
 
@@ -87,7 +88,7 @@ def apply_overrides(params_file: str, overrides: list[str]) -> None:
 
 
 @task(name="publish-results", cache_policy=None)
-def publish(workdir: str) -> dict:
+def publish(workdir: str) -> tuple[dict, dict]:
     root = Path(workdir)
     metrics = json.loads((root / OUTPUTS["metrics"]).read_text())
     verdict_md = (root / OUTPUTS["report"]).read_text()
@@ -97,7 +98,17 @@ def publish(workdir: str) -> dict:
         description=f"Test split ({metrics['n']} images)",
     )
     create_markdown_artifact(key="gate-verdict", markdown=verdict_md, description="Gate verdict")
-    return metrics
+    promotion = json.loads((root / OUTPUTS["promotion"]).read_text())
+    create_markdown_artifact(key="promotion", markdown=promotion_line(promotion), description="Model registry")
+    return metrics, promotion
+
+
+def promotion_line(promotion: dict) -> str:
+    """One line about the registry after the promote stage (Prefect artifact and the run summary)."""
+    was = promotion.get("previous_champion")
+    return (f"{promotion['version']} {'registered' if promotion['registered'] else 'already registered'}, "
+            f"{'promoted' if promotion['promoted'] else 'already the champion'}: champion {promotion['champion']}"
+            + (f" (was {was})" if was and promotion["promoted"] else "") + f", registry {promotion['registry']}")
 
 
 @task(name="publish-training", cache_policy=None)
@@ -122,7 +133,7 @@ def _publish_failed_gate(workdir: str) -> None:
 
 @flow(name="finetune-pipeline", log_prints=True)
 def finetune_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".") -> dict:
-    """ingest -> validate -> fetch_model -> train -> evaluate -> gate -> export, each through DVC."""
+    """ingest -> validate -> fetch_model -> train -> evaluate -> gate -> export -> promote, each through DVC."""
     cfg = PipelineParams(params_file=params_file, overrides=overrides or [], workdir=workdir)
     root = Path(cfg.workdir)
     if cfg.overrides:
@@ -137,12 +148,13 @@ def finetune_pipeline(params_file: str = "params.yaml", overrides: list[str] | N
             if stage == "gate":
                 _publish_failed_gate(cfg.workdir)
             raise
-    metrics = publish(cfg.workdir)
+    metrics, promotion = publish(cfg.workdir)
     outputs = {k: str((root / v).resolve()) for k, v in OUTPUTS.items()}
     summary = "\n".join(
         [f"test accuracy {metrics['accuracy']:.4f}, macro recall {metrics['macro_recall']:.4f}, "
          f"macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images"]
+        + [promotion_line(promotion)]
         + [f"  {stage}: {status}" for stage, status in ran.items()]
         + [f"  {k}: {v}" for k, v in outputs.items()]
     )
-    return {"metrics": metrics, "stages": ran, "outputs": outputs, "summary": summary}
+    return {"metrics": metrics, "promotion": promotion, "stages": ran, "outputs": outputs, "summary": summary}

@@ -21,7 +21,9 @@ from tasks.params import Params, load_params
 app = typer.Typer(
     help="Fine-tune a pretrained image classifier on a folder of labelled images and export a gated ONNX model.\n\n"
     "Quick start: `finetune run` runs the whole pipeline (ingest -> validate -> fetch_model -> train -> "
-    "evaluate -> gate -> export) on the bundled ELPV solar-cell data.",
+    "evaluate -> gate -> export -> promote) on the bundled ELPV solar-cell data. A model reaches the registry "
+    "(`finetune registry list`) only when every gate passes; `finetune promote` and `finetune rollback` move "
+    "the champion alias by hand.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -207,7 +209,8 @@ def stage_evaluate(
 
     p = _params(params)
     evaluate.run(checkpoint, manifest, images, out_dir / "metrics.json", out_dir / "predictions.csv",
-                 out_dir / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers)
+                 out_dir / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers,
+                 positive_class=p.gates.positive_class)
 
 
 @stage_app.command("gate")
@@ -215,13 +218,20 @@ def stage_evaluate(
 def stage_gate(
     params: ParamsOpt = Path("params.yaml"),
     metrics: Path = Path("reports/eval/metrics.json"),
+    predictions: Path = Path("reports/eval/predictions.csv"),
+    checkpoint: Path = Path("models/model.pt"),
+    manifest: Path = Path("data/validated.csv"),
+    images: Path = Path("data/images"),
     out_dir: Path = Path("reports/gate"),
 ) -> None:
-    """Compare test metrics with `gates.*`; always writes the verdict; exit 1 when a gate fails."""
+    """Judge the candidate: absolute gates (`gates.*`) and the registry's champion scored on the same test
+    images; always writes the verdict (JSON + Markdown); exit 1 when a gate fails."""
     from tasks import gate
 
-    g = _params(params).gates
-    gate.run(metrics, g.model_dump(), out_dir / "verdict.json", out_dir / "verdict.md")
+    p = _params(params)
+    gate.run(metrics, p.gates, out_dir / "verdict.json", out_dir / "verdict.md", predictions_path=predictions,
+             checkpoint_path=checkpoint, manifest_path=manifest, images_dir=images,
+             registry_root=_registry_root(params, p), workers=p.data.workers)
 
 
 @stage_app.command("export")
@@ -249,6 +259,118 @@ def stage_export(
                e.min_top1_agreement, workers=d.workers, int8=e.int8, int8_max_accuracy_drop=e.int8_max_accuracy_drop,
                int8_calibration_images=e.int8_calibration_images, int8_dir=int8_dir, model_card_path=model_card,
                data_description=source)
+
+
+@stage_app.command("promote")
+@friendly
+def stage_promote(
+    params: ParamsOpt = Path("params.yaml"),
+    onnx_path: Path = Path("models/model.onnx"),
+    int8_dir: Path = Path("models/int8"),
+    model_card: Path = Path("models/model_card.md"),
+    verdict: Path = Path("reports/gate/verdict.json"),
+    metrics: Path = Path("reports/eval/metrics.json"),
+    predictions: Path = Path("reports/eval/predictions.csv"),
+    report: Path = Path("reports/promote.json"),
+) -> None:
+    """Register the exported model in the registry (once per ONNX file) and make it the champion."""
+    from tasks import promote
+
+    p = _params(params)
+    promote.run(onnx_path, int8_dir, model_card, verdict, metrics, predictions, _registry_root(params, p), report)
+
+
+# ---- model registry -------------------------------------------------------------------------
+
+RegistryOpt = Annotated[Optional[Path], typer.Option(
+    "--registry", "-r", help="Registry folder; default: registry.root from the params file (relative to its folder).")]
+
+
+def _registry_root(params: Path, p: Params | None = None, override: Path | None = None) -> Path:
+    if override is not None:
+        return override
+    if p is None:
+        p = _params(params) if params.exists() else Params()
+    root = Path(p.registry.root)
+    return root if root.is_absolute() else params.parent / root
+
+
+@app.command("promote")
+@friendly
+def promote_cmd(
+    version: Annotated[Optional[str], typer.Argument(help="Version to make champion (3, v3, v0003); default: the newest.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    registry_: RegistryOpt = None,
+) -> None:
+    """Make a registered version the champion (the alias moves atomically; the old champion goes onto the
+    history, so `finetune rollback` can bring it back). By hand: no gate is consulted."""
+    from tasks import registry
+
+    root = _registry_root(params, override=registry_)
+    alias, changed = registry.promote(root, version, reason="promoted by hand (finetune promote)")
+    previous = alias["history"][-1] if alias["history"] else "none"
+    typer.echo(f"champion: {alias['version']}" + (f" (was {previous})" if changed else " (already the champion)")
+               + f"  [{root}]")
+
+
+@app.command("rollback")
+@friendly
+def rollback_cmd(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOpt = None) -> None:
+    """Move the champion alias back to the previous champion."""
+    from tasks import registry
+
+    root = _registry_root(params, override=registry_)
+    before = registry.read_champion(root)
+    alias = registry.rollback(root, reason="finetune rollback")
+    typer.echo(f"champion: {alias['version']} (rolled back from {before['version'] if before else '?'})  [{root}]")
+
+
+registry_app = typer.Typer(help="The model registry: numbered versions and the champion alias (see README).",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("list")
+@friendly
+def registry_list(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOpt = None) -> None:
+    """Versions, oldest first, with their test metrics; `*` marks the champion."""
+    from tasks import registry
+
+    root = _registry_root(params, override=registry_)
+    versions = registry.list_versions(root)
+    if not versions:
+        typer.echo(f"registry {root}: no versions yet")
+        return
+    alias = registry.read_champion(root)
+    champ = alias["version"] if alias else None
+    typer.echo(f"   version  created                    accuracy  macro_f1  source    onnx sha256")
+    for v in versions:
+        meta = registry.read_metadata(root, v)
+        m = meta.get("metrics") or {}
+        fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"  # noqa: E731
+        typer.echo(f"{'*' if v == champ else ' '}  {v:7}  {str(meta.get('created_at', '?')):25}  "
+                   f"{fmt(m.get('accuracy')):8}  {fmt(m.get('macro_f1')):8}  {str(meta.get('source', '?')):8}  "
+                   f"{str(meta.get('onnx_sha256', ''))[:12]}")
+    typer.echo(f"champion: {champ or 'none'}" + (f" (history: {', '.join(alias['history'])})"
+                                                 if alias and alias["history"] else "") + f"  [{root}]")
+
+
+@registry_app.command("add")
+@friendly
+def registry_add(
+    onnx_path: Annotated[Path, typer.Argument(help="An ONNX model exported by this pipeline (its metadata is read).")],
+    model_card: Annotated[Optional[Path], typer.Option(help="Its model card (Markdown).")] = None,
+    note: Annotated[str, typer.Option(help="Why it is registered by hand.")] = "",
+    params: ParamsOpt = Path("params.yaml"),
+    registry_: RegistryOpt = None,
+) -> None:
+    """Register an ONNX model by hand (e.g. the first champion when gates.first_run is 'block');
+    `finetune promote VERSION` then makes it champion."""
+    from tasks import promote
+
+    root = _registry_root(params, override=registry_)
+    version, created = promote.register_file(onnx_path, root, model_card=model_card, note=note)
+    typer.echo(f"{'registered as' if created else 'already registered as'} {version}  [{root}]")
 
 
 @app.command("models")

@@ -331,10 +331,16 @@ def model_card(metadata: dict[str, str], ckpt: dict, metrics: dict, verdict: dic
     if gates:
         out += ["| gate | value | bound | result |", "| --- | --- | --- | --- |"]
         for g in gates:
-            bound = "off" if g.get("bound") is None else f">= {g['bound']:.4f}"
+            if g.get("bound") is None:
+                continue  # gates switched off
+            op = "<=" if g.get("direction") == "lower" else ">="
             value = "n/a" if g.get("value") is None else f"{g['value']:.4f}"
-            out.append(f"| {g.get('metric')} | {value} | {bound} | {'pass' if g.get('passed') else 'FAIL'} |")
+            out.append(f"| {g.get('name', g.get('metric'))} | {value} | {op} {g['bound']:.4f} | "
+                       f"{'pass' if g.get('passed') else 'FAIL'} |")
         out.append("")
+    champion = verdict.get("champion") or {}
+    if champion.get("reason"):
+        para(f"Against the champion: {champion['reason']}.")
 
     out += ["## Export verification (ONNX Runtime vs PyTorch, test split)", "",
             f"- max |logit difference|: {check['max_abs_logit_diff']:.2e} (bound {check['max_abs_diff_bound']:.0e})",

@@ -127,10 +127,54 @@ class TrainParams(Strict):
         return stages
 
 
-class GateParams(Strict):
-    accuracy: Fraction | None = 0.85
+class MinBounds(Strict):
+    """Lower bounds (higher is better) on test-split metrics; None switches a gate off."""
+
+    accuracy: Fraction | None = 0.84
+    balanced_accuracy: Fraction | None = None
+    macro_precision: Fraction | None = None
     macro_recall: Fraction | None = 0.80
     macro_f1: Fraction | None = 0.80
+    roc_auc: Fraction | None = None
+    pr_auc: Fraction | None = None
+
+
+class MaxBounds(Strict):
+    """Upper bounds on lower-is-better metrics; None switches a gate off."""
+
+    ece: Fraction | None = None
+
+
+class ChampionGate(Strict):
+    """The candidate against the registry's champion, both scored on the same test images."""
+
+    metric: Literal["accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "ece"] | None = "macro_f1"
+    max_drop: Annotated[float, Field(ge=0.0)] = 0.01
+    relative: bool = False
+    require_significant: bool = False
+    test: Literal["bootstrap", "mcnemar"] = "bootstrap"
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+
+    @model_validator(mode="after")
+    def _mcnemar_tests_accuracy(self) -> "ChampionGate":
+        if self.test == "mcnemar" and self.metric not in ("accuracy", None):
+            raise ValueError(f"test 'mcnemar' compares accuracy, but metric is '{self.metric}': set "
+                             "gates.champion.metric: accuracy, or gates.champion.test: bootstrap")
+        return self
+
+
+class GateParams(Strict):
+    positive_class: str | None = None
+    min: MinBounds = Field(default_factory=MinBounds)
+    max: MaxBounds = Field(default_factory=MaxBounds)
+    per_class_recall_floor: Fraction | None = 0.5
+    conservative: bool = False
+    champion: ChampionGate = Field(default_factory=ChampionGate)
+    first_run: Literal["absolute_only", "block"] = "absolute_only"
+
+
+class RegistryParams(Strict):
+    root: str = "registry"
 
 
 class ExportParams(Strict):
@@ -149,6 +193,7 @@ class Params(Strict):
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     gates: GateParams = Field(default_factory=GateParams)
+    registry: RegistryParams = Field(default_factory=RegistryParams)
     export: ExportParams = Field(default_factory=ExportParams)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

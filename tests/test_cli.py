@@ -27,7 +27,9 @@ def one_line_error(proc, *needles):
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["stage"], ["stage", "train"], ["stage", "export"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["stage"], ["stage", "train"], ["stage", "export"],
+                                 ["stage", "gate"], ["stage", "promote"], ["promote"], ["rollback"], ["registry"],
+                                 ["registry", "list"], ["registry", "add"]])
 def test_help_everywhere(cmd):
     proc = finetune(*cmd, "--help")
     assert proc.returncode == 0 and "Usage" in proc.stdout and "--" in proc.stdout
@@ -59,3 +61,34 @@ def test_validate_command_exit_codes(tiny_folder, tmp_path):
     assert bad.returncode == 1 and "broken.png" in bad.stderr and "Traceback" not in bad.stderr
     missing = finetune("validate", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr and "nowhere" in missing.stderr + missing.stdout
+
+
+def test_registry_commands_promote_rollback_and_clear_errors(tmp_path):
+    from tasks import registry
+
+    reg = tmp_path / "reg"
+    one_line_error(finetune("rollback", "--registry", str(reg), cwd=tmp_path), "no champion", "nothing to roll back")
+    one_line_error(finetune("promote", "--registry", str(reg), cwd=tmp_path), "no versions to promote")
+    for name in ("a", "b"):
+        src = tmp_path / f"{name}.onnx"
+        src.write_bytes(name.encode() * 10)
+        registry.register(reg, {"model.onnx": src}, {"metrics": {"accuracy": 0.9, "macro_f1": 0.8}})
+    one_line_error(finetune("promote", "7", "--registry", str(reg), cwd=tmp_path), "no version v0007")
+    ok = finetune("promote", "1", "--registry", str(reg), cwd=tmp_path)
+    assert ok.returncode == 0 and "champion: v0001" in ok.stdout
+    ok = finetune("promote", "--registry", str(reg), cwd=tmp_path)  # the newest
+    assert ok.returncode == 0 and "champion: v0002 (was v0001)" in ok.stdout
+    listing = finetune("registry", "list", "--registry", str(reg), cwd=tmp_path)
+    assert listing.returncode == 0 and "*  v0002" in listing.stdout and "0.9000" in listing.stdout
+    ok = finetune("rollback", "--registry", str(reg), cwd=tmp_path)
+    assert ok.returncode == 0 and "champion: v0001 (rolled back from v0002)" in ok.stdout
+    one_line_error(finetune("rollback", "--registry", str(reg), cwd=tmp_path), "no previous champion")
+    (reg / "champion.json").write_text("[1, 2")
+    one_line_error(finetune("registry", "list", "--registry", str(reg), cwd=tmp_path), "champion.json is not valid JSON")
+    one_line_error(finetune("registry", "add", str(tmp_path / "missing.onnx"), "--registry", str(reg), cwd=tmp_path),
+                   "missing.onnx: no such ONNX file")
+    # without --registry: registry.root from the params file, relative to its folder
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "params.yaml").write_text("registry:\n  root: ../reg\n")
+    one_line_error(finetune("rollback", "--params", str(tmp_path / "proj" / "params.yaml"), cwd=tmp_path),
+                   "champion.json is not valid JSON")

@@ -22,7 +22,8 @@ TINY = [
     "data.source=folder", "data.path=raw", "data.split.stratify_by=[]", "data.split.test=0.25", "data.split.val=0.25",
     "data.workers=2", "validate.min_images_per_class=1", "train.image_size=64", "train.cpu_image_size=64",
     "train.batch_size=8", "train.stages.0.epochs=2", "train.stages.0.lr=0.03", "train.stages.1.epochs=1",
-    "train.stages.1.lr=0.0003", "gates.accuracy=0.5", "gates.macro_recall=0.5", "gates.macro_f1=0.5",
+    "train.stages.1.lr=0.0003", "gates.min.accuracy=0.5", "gates.min.macro_recall=0.5", "gates.min.macro_f1=0.5",
+    "gates.per_class_recall_floor=0.3", "gates.champion.max_drop=0.5",  # 12 test images: one image is 0.08
 ]
 
 
@@ -90,12 +91,12 @@ def test_second_repro_is_a_fast_no_op(repro_project):
     assert "up to date" in dvc("status", cwd=repro_project).stdout
 
 
-def test_gate_threshold_change_reruns_only_gate_and_export(repro_project):
+def test_gate_threshold_change_reruns_only_gate_export_and_promote(repro_project):
     root = repro_project
-    write_overrides(root / "params.yaml", ["gates.accuracy=0.55"])
+    write_overrides(root / "params.yaml", ["gates.min.accuracy=0.55"])
     out = dvc("repro", cwd=root).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"gate", "export"}, out
+    assert ran == {"gate", "export", "promote"}, out
 
 
 def test_changed_image_reruns_validate_and_everything_downstream(repro_project):
@@ -108,7 +109,7 @@ def test_changed_image_reruns_validate_and_everything_downstream(repro_project):
     assert "ingest:" in status and "modified:" in status and "raw" in status  # says why
     out = dvc("repro", cwd=root).stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"ingest", "validate", "train", "evaluate", "gate", "export"} <= ran, out
+    assert {"ingest", "validate", "train", "evaluate", "gate", "export", "promote"} <= ran, out
     assert "fetch_model" not in ran
 
 
@@ -130,12 +131,19 @@ def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, pref
     from flows.pipeline import finetune_pipeline
 
     root = new_project(tmp_path / "flow")
-    write_overrides(root / "params.yaml", ["gates.accuracy=0.55"])  # same params as repro_project now
+    write_overrides(root / "params.yaml", ["gates.min.accuracy=0.55"])  # same params as repro_project now
     result = finetune_pipeline(workdir=str(root))
-    assert set(result["stages"]) == {"ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export"}
+    assert set(result["stages"]) == {"ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote"}
+    assert result["promotion"]["champion"] == "v0001" and "champion v0001" in result["summary"]
     assert read(root, "reports/eval/metrics.json")["accuracy"] == read(repro_project, "reports/eval/metrics.json")["accuracy"]
-    for key in ("macro_recall", "macro_f1", "per_class"):
-        assert read(root, "reports/eval/metrics.json")[key] == read(repro_project, "reports/eval/metrics.json")[key]
+    # repro_project has one rotated training image by now (test above): its predictions match, its scores
+    # (ROC/PR-AUC, ECE) need not, so only label-based metrics are compared
+    ours, theirs = read(root, "reports/eval/metrics.json"), read(repro_project, "reports/eval/metrics.json")
+    for key in ("macro_recall", "macro_f1", "confusion_matrix"):
+        assert ours[key] == theirs[key]
+    label_based = ("precision", "recall", "f1", "support")
+    assert {c: {k: v[k] for k in label_based} for c, v in ours["per_class"].items()} == \
+        {c: {k: v[k] for k in label_based} for c, v in theirs["per_class"].items()}
     assert "up to date" in dvc("status", cwd=root).stdout
     assert Path(result["outputs"]["model"]).is_file()
     from prefect.client.orchestration import get_client
@@ -156,6 +164,62 @@ def test_prefect_flow_matches_dvc_repro_and_leaves_dvc_clean(repro_project, pref
     from flows.pipeline import StageFailed
 
     with pytest.raises(StageFailed, match=r"stage 'gate' failed: gate failed: accuracy .* < 1\.0000"):
-        finetune_pipeline(workdir=str(root), overrides=["gates.accuracy=1.0"])
+        finetune_pipeline(workdir=str(root), overrides=["gates.min.accuracy=1.0"])
     assert read(root, "reports/gate/verdict.json")["passed"] is False
     assert (root / "models/model.onnx").read_bytes() == onnx_before
+
+
+def finetune_cli(*args, cwd):
+    return sh(str(Path(sys.executable).parent / "finetune"), *args, cwd=cwd, check=False)
+
+
+def test_gates_keep_a_bad_candidate_out_and_promote_a_better_one(tmp_path):
+    """Run 1 becomes champion v0001; run 2 with a bound set too high fails with a readable reason and
+    leaves model.onnx and the champion alone; run 3 (better) is kept out while significance is
+    required (12 test images cannot show it), then becomes v0002; `finetune rollback` restores v0001."""
+    from tasks import registry
+    from tasks.io import sha256_file
+
+    root = new_project(tmp_path / "gates")
+    reg = root / "registry"
+    # head-only training and no INT8 keep the three runs short
+    write_overrides(root / "params.yaml", ["gates.champion.max_drop=0.01", "train.stages.1.epochs=0", "export.int8=false"])
+    dvc("repro", cwd=root)
+    first = read(root, "reports/eval/metrics.json")
+    assert read(root, "reports/promote.json")["champion"] == "v0001"
+    assert read(root, "reports/gate/verdict.json")["champion"]["status"] == "none"  # first run: absolute gates decide
+    onnx_sha = sha256_file(root / "models/model.onnx")
+
+    # run 2: a bound nobody can meet -> the gate fails, export and promote never run
+    write_overrides(root / "params.yaml", ["gates.min.accuracy=0.999"])
+    failed = dvc("repro", cwd=root, check=False)
+    assert failed.returncode != 0
+    assert f"error: gate failed: accuracy {first['accuracy']:.4f} < 0.9990" in failed.stdout + failed.stderr
+    assert read(root, "reports/gate/verdict.json")["passed"] is False
+    assert (root / "reports/gate/verdict.md").read_text().startswith("# Gate verdict: FAILED")
+    assert sha256_file(root / "models/model.onnx") == onnx_sha
+    assert registry.read_champion(reg)["version"] == "v0001" and registry.list_versions(reg) == ["v0001"]
+
+    # run 3: a recipe that is better on this data (one head-only epoch at lr 0.01 beats the default tiny recipe)
+    better = ["gates.min.accuracy=0.5", "train.stages.0.epochs=1", "train.stages.0.lr=0.01", "train.stages.1.epochs=0"]
+    write_overrides(root / "params.yaml", better + ["gates.champion.require_significant=true"])
+    kept_out = dvc("repro", cwd=root, check=False)
+    second = read(root, "reports/eval/metrics.json")
+    assert second["macro_f1"] > first["macro_f1"], (first, second)  # if training changed, pick another 'better' recipe
+    assert kept_out.returncode != 0 and "not a significant improvement" in kept_out.stdout + kept_out.stderr
+    assert registry.read_champion(reg)["version"] == "v0001"
+    write_overrides(root / "params.yaml", ["gates.champion.require_significant=false"])
+    dvc("repro", cwd=root)
+    verdict = read(root, "reports/gate/verdict.json")
+    assert verdict["passed"] and verdict["champion"]["version"] == "v0001" and verdict["champion"]["delta"] > 0
+    assert read(root, "reports/promote.json")["champion"] == "v0002"
+    assert sha256_file(root / "models/model.onnx") != onnx_sha
+    assert registry.read_metadata(reg, "v0002")["metrics"]["macro_f1"] == second["macro_f1"]
+    assert "up to date" in dvc("status", cwd=root).stdout  # the registry is not DVC's business
+
+    rolled = finetune_cli("rollback", cwd=root)
+    assert rolled.returncode == 0 and "champion: v0001 (rolled back from v0002)" in rolled.stdout
+    assert registry.champion_model(reg).read_bytes() == (reg / "versions/v0001/model.onnx").read_bytes()
+    assert sha256_file(reg / "versions/v0001/model.onnx") == onnx_sha
+    listing = finetune_cli("registry", "list", cwd=root).stdout
+    assert "*  v0001" in listing and "v0002" in listing

@@ -41,8 +41,14 @@ def test_override_unknown_and_bad_values(tmp_path):
         load_params(f, ["train.nope=1"])
     with pytest.raises(ParamsError, match="not of the form key=value"):
         load_params(f, ["train.batch_size"])
-    with pytest.raises(ParamsError, match="gates.accuracy"):
-        load_params(f, ["gates.accuracy=1.5"])
+    with pytest.raises(ParamsError, match="gates.min.accuracy"):
+        load_params(f, ["gates.min.accuracy=1.5"])
+    with pytest.raises(ParamsError, match="unknown key 'gates.min.acuracy'"):
+        load_params(f, ["gates.min.acuracy=0.5"])
+    with pytest.raises(ParamsError, match="gates.champion.*metric: accuracy"):
+        load_params(f, ["gates.champion.test=mcnemar"])  # McNemar tests accuracy, the default metric is macro_f1
+    with pytest.raises(ParamsError, match="gates.first_run"):
+        load_params(f, ["gates.first_run=maybe"])
 
 
 def test_split_fractions_must_leave_training_data():
@@ -55,14 +61,14 @@ def test_split_fractions_must_leave_training_data():
 def test_write_overrides_keeps_comments_and_validates(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text((REPO / "params.yaml").read_text())
-    write_overrides(f, ["gates.accuracy=0.5"])
+    write_overrides(f, ["gates.min.accuracy=0.5"])
     text = f.read_text()
     assert "accuracy: 0.5" in text
-    assert "# lower bounds on test-split metrics" in text  # comments survive
-    assert load_params(f).gates.accuracy == 0.5
+    assert "# lower bounds (higher is better)" in text  # comments survive
+    assert load_params(f).gates.min.accuracy == 0.5
     before = f.read_text()
     with pytest.raises(ParamsError):
-        write_overrides(f, ["gates.accuracy=high"])
+        write_overrides(f, ["gates.min.accuracy=high"])
     assert f.read_text() == before  # a refused override writes nothing
 
 

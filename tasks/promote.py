@@ -1,0 +1,92 @@
+"""Promote stage: a gated, exported model -> a registry version, made champion.
+
+Runs after export, so only a model whose every gate passed gets here; it refuses a failed verdict
+anyway. Registering is idempotent (the same ONNX file, by sha256, is never a second version), and
+the alias moves only if the champion is still the one the gate compared against (a conditional
+update: a candidate judged against v1 never replaces a v3 promoted in the meantime).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tasks import registry
+from tasks.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "roc_auc", "pr_auc", "ece", "n")
+INT8_FILE = "model.int8.onnx"
+
+
+class PromotionRefused(RuntimeError):
+    """The candidate may not be promoted; the message says why."""
+
+
+def onnx_metadata(onnx_path: Path) -> dict:
+    """Lineage the export wrote into the ONNX file (classes, data version, params hash, git commit...)."""
+    from tasks.export import read_metadata
+
+    meta = read_metadata(onnx_path)
+    return {
+        "classes": json.loads(meta.get("classes", "null")),
+        "arch": meta.get("arch"),
+        "data_version": meta.get("data_version"),
+        "params_sha256": meta.get("params_sha256"),
+        "git_commit": meta.get("git_commit"),
+        "input_contract": meta.get("input_contract"),
+        "preprocessing": json.loads(meta.get("preprocessing", "null")),
+        "metrics": json.loads(meta.get("metrics", "{}")),
+    }
+
+
+def version_files(onnx_path: Path, int8_dir: Path | None, model_card: Path | None,
+                  predictions: Path | None) -> dict[str, Path]:
+    files = {"model.onnx": Path(onnx_path)}
+    optional = {INT8_FILE: Path(int8_dir) / INT8_FILE if int8_dir else None, "model_card.md": model_card,
+                "predictions.csv": predictions}
+    files.update({name: Path(p) for name, p in optional.items() if p is not None and Path(p).is_file()})
+    return files
+
+
+def run(onnx_path: Path, int8_dir: Path, model_card: Path, verdict_path: Path, metrics_path: Path,
+        predictions_path: Path, registry_root: Path, report_path: Path) -> dict:
+    verdict = read_json(verdict_path)
+    if not verdict.get("passed"):
+        raise PromotionRefused(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is promoted")
+    metrics = read_json(metrics_path)
+    champion_block = verdict.get("champion") or {}
+    metadata = {
+        "source": "pipeline",
+        "checkpoint_sha256": (verdict.get("candidate") or {}).get("checkpoint_sha256"),
+        **onnx_metadata(onnx_path),
+        "metrics": {k: metrics.get(k) for k in HEADLINE if k in metrics},
+        "ci": metrics.get("ci", {}),
+        "verdict": {"passed": True, "reason": verdict.get("reason"), "compared_with": champion_block.get("version")},
+    }
+    files = version_files(onnx_path, int8_dir, model_card, predictions_path)
+    version, created = registry.register(registry_root, files, metadata)
+    expected = champion_block.get("version") if champion_block.get("status") in ("none", "same", "compared") else registry.ANY
+    alias, changed = registry.promote(registry_root, version, reason=f"pipeline: {verdict.get('reason')}",
+                                     expected=expected)
+    report = {"version": version, "registered": created, "promoted": changed, "champion": alias["version"],
+              "previous_champion": alias["history"][-1] if alias["history"] else None,
+              "registry": str(registry_root), "onnx_sha256": registry.read_metadata(registry_root, version)["onnx_sha256"]}
+    write_json(report_path, report)
+    log.info("promote: %s %s; champion is now %s (registry %s)", version,
+             "registered" if created else "already registered", alias["version"], registry_root)
+    return report
+
+
+def register_file(onnx_path: Path, registry_root: Path, model_card: Path | None = None,
+                  predictions: Path | None = None, note: str = "") -> tuple[str, bool]:
+    """Register any exported ONNX file by hand (`finetune registry add`): its lineage comes from its metadata."""
+    if not Path(onnx_path).is_file():
+        raise registry.RegistryError(f"{onnx_path}: no such ONNX file")
+    try:
+        meta = onnx_metadata(onnx_path)
+    except Exception as exc:
+        raise registry.RegistryError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
+    metadata = {"source": "manual", "note": note, "checkpoint_sha256": None, **meta}
+    return registry.register(registry_root, version_files(onnx_path, None, model_card, predictions), metadata)
