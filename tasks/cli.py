@@ -343,7 +343,7 @@ def registry_list(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOp
         return
     alias = registry.read_champion(root)
     champ = alias["version"] if alias else None
-    typer.echo(f"   version  created                    accuracy  macro_f1  source    onnx sha256")
+    typer.echo("   version  created                    accuracy  macro_f1  source    onnx sha256")
     for v in versions:
         meta = registry.read_metadata(root, v)
         m = meta.get("metrics") or {}

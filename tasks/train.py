@@ -534,9 +534,8 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
                 sums = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)
                 torch_dist.all_reduce(sums)
                 total_loss, seen = sums[0].item(), int(sums[1].item())
-            with precision.autocast(device):
-                val_logits = predict_logits(staged if use_cache else model, val_x, mean, std, device,
-                                            params.batch_size * 2, val_cache)
+            val_logits = predict_logits(staged if use_cache else model, val_x, mean, std, device,
+                                        params.batch_size * 2, val_cache, precision)
             val_loss = F.cross_entropy(val_logits, val_y).item()
             val_metrics = classification_metrics(val_y.numpy(), val_logits.argmax(1).numpy(), classes)
             seconds = time.time() - t0
@@ -569,7 +568,7 @@ def fit(model: nn.Module, classes: list[str], train_x: torch.Tensor, train_y: to
             if stop and dist.main:
                 log.info("%s: no better validation %s for %d epochs: stage stops early", stage.name,
                          params.select_metric, bad_epochs)
-            rngs = gather_objects(rng_state(gen, aug_gen), dist)
+            rngs = gather_objects(rng_state(gen, aug_gen), dist) if state_path is not None else None
             if state_path is not None and dist.main:
                 save_state(state_path, {
                     "version": STATE_VERSION, "fingerprint": fingerprint, "stage_index": stage_index,
