@@ -29,14 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np
-import pandas as pd
 import torch
-
 from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
-from tasks import export, models
-from tasks.data import split_arrays
-from tasks.io import read_json, setup_logging, write_json
-from tasks.train import load_checkpoint
+
+from tasks import backbones
+from tasks.checkpoint import load_checkpoint
+from tasks.entry import setup_logging
+from tasks.export.int8 import evenly_spaced, quantize_int8
+from tasks.export.onnx_graph import Deployable, export_onnx
+from tasks.files import read_json, write_json
+from tasks.manifest import read_manifest
+from tasks.preprocess import Preprocessing
+from tasks.tensors import split_arrays
 
 log = logging.getLogger("bench_onnx")
 TARGETS = {"ort_fp32_speedup": 1.5, "ort_int8_speedup": 2.5, "int8_max_accuracy_drop": 0.01}
@@ -101,7 +105,7 @@ def setup(args, work: Path) -> dict:
     size = args.size
     if ckpt_path.exists():
         model, ckpt = load_checkpoint(ckpt_path)
-        size = size or ckpt["preprocessing"]["size"]
+        size = size or ckpt.preprocessing.size
     if not size:
         try:
             from tasks.params import load_params
@@ -111,26 +115,28 @@ def setup(args, work: Path) -> dict:
         except Exception:  # noqa: BLE001 - any params problem: the default size
             size = 224
     if pipeline:
-        pre, classes = ckpt["preprocessing"], ckpt["classes"]
-        if pre["size"] != size:
-            raise SystemExit(f"--size {size} differs from the checkpoint's {pre['size']}; drop --size or use --fresh")
-        module = export.Deployable(model, pre["mean"], pre["std"]).eval()
+        pre, classes = ckpt.preprocessing, ckpt.classes
+        if pre.size != size:
+            raise SystemExit(f"--size {size} differs from the checkpoint's {pre.size}; drop --size or use --fresh")
+        module = Deployable(model, pre).eval()
         fp32 = onnx_path
-        info.update(arch=ckpt["base"]["arch"], classes=classes, checkpoint=str(ckpt_path), onnx=str(onnx_path))
+        info.update(arch=ckpt.base["arch"], classes=classes, checkpoint=str(ckpt_path), onnx=str(onnx_path))
     else:
-        base, meta = models.create("bundled", "efficientnet_lite0", "imagenet")
-        module = export.Deployable(models.with_new_head(base, 2, seed=0).eval(), meta["mean"], meta["std"]).eval()
+        base, meta = backbones.create("bundled", "efficientnet_lite0", "imagenet")
+        weights_pre = Preprocessing.from_dict(meta["preprocessing"])
+        pre = Preprocessing(size=size, mean=weights_pre.mean, std=weights_pre.std)
+        module = Deployable(backbones.with_new_head(base, 2, seed=0).eval(), pre).eval()
         fp32 = work / "model.onnx"
         log.info("exporting a fresh Lite0 at %d px to %s", size, fp32)
-        export.export_onnx(module, size, fp32, 18)
+        export_onnx(module, size, fp32, 18)
         info.update(arch="efficientnet_lite0 (fresh 2-class head)", classes=None)
     info["image_size"] = size
 
     test = labels = None
-    manifest = pd.read_csv(manifest_path, keep_default_na=False) if pipeline else None
+    manifest = read_manifest(manifest_path) if pipeline else None
     if pipeline and not args.no_accuracy:
         images, y = split_arrays(manifest, Path(args.images), "test", info["classes"], size, args.workers)
-        keep = export.evenly_spaced(len(images), args.accuracy_images or len(images))
+        keep = evenly_spaced(len(images), args.accuracy_images or len(images))
         test, labels = images[torch.from_numpy(keep)].numpy(), y.numpy()[keep]
         info["accuracy_images"] = len(keep)
 
@@ -144,14 +150,14 @@ def setup(args, work: Path) -> dict:
             why += f" (export report: INT8 {read_json(report).get('int8', {}).get('status', 'not recorded')})"
         if pipeline:
             calib, _ = split_arrays(manifest, Path(args.images), "val", info["classes"], size, args.workers)
-            calib = calib[torch.from_numpy(export.evenly_spaced(len(calib), args.calibration_images))]
+            calib = calib[torch.from_numpy(evenly_spaced(len(calib), args.calibration_images))]
             calib_from = f"{len(calib)} validation images"
         else:
             calib = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
             calib_from = "32 random images (timing only)"
         int8 = work / "model.int8.onnx"
         log.info("quantizing %s here (%s), calibrated on %s", fp32, why, calib_from)
-        export.quantize_int8(fp32, int8, calib)
+        quantize_int8(fp32, int8, calib)
         info["int8"] = {"source": f"quantized by the bench: {why}", "calibration": calib_from}
     return {"module": module, "fp32": fp32, "int8": int8, "test": test, "labels": labels, "info": info}
 

@@ -22,9 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import evaluate, train  # noqa: E402
-from tasks.io import setup_logging, write_json  # noqa: E402
+from tasks import evaluate  # noqa: E402
+from tasks.entry import setup_logging  # noqa: E402
+from tasks.files import write_json  # noqa: E402
 from tasks.params import TrainParams, load_params  # noqa: E402
+from tasks.train import stage as train  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 MANIFEST, IMAGES, BASE = REPO / "data/validated.csv", REPO / "data/images", REPO / "models/base"
@@ -45,7 +47,7 @@ def ensure_inputs(params_file: Path) -> None:
     for stage, needed in (("ingest", REPO / "data/manifest.csv"), ("validate", MANIFEST), ("fetch-model", BASE)):
         if not needed.exists():
             log.info("creating %s: finetune stage %s", needed.relative_to(REPO), stage)
-            subprocess.run([sys.executable, "-m", "tasks.cli", "stage", stage, "--params", str(params_file)],
+            subprocess.run([sys.executable, "-m", "finetune", "stage", stage, "--params", str(params_file)],
                            cwd=REPO, check=True)
 
 

@@ -38,15 +38,19 @@ sys.path.insert(0, str(REPO))
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
-from tasks import models, train
-from tasks.data import split_arrays, variants_for
-from tasks.io import setup_logging, write_json
+from tasks import backbones as models
+from tasks.entry import setup_logging
+from tasks.files import write_json
 from tasks.params import StageParams, TrainParams
+from tasks.tensors import split_arrays
+from tasks.train.augment import variants_for
+from tasks.train.loop import Data, Split, fit
+from tasks.train.staging import StagedModel
 
 log = logging.getLogger("bench_train")
 TARGET_RATIO = 1.0  # ours / plain images/s, frozen stage
@@ -97,7 +101,8 @@ def load_data(args) -> dict:
         x, y = synthetic_images(args.n_train + args.n_val, args.size, args.seed)
         return {"source": "synthetic (grey cells, class 1 with a dark crack)", "classes": ["ok", "crack"],
                 "train": (x[: args.n_train], y[: args.n_train]), "val": (x[args.n_train :], y[args.n_train :])}
-    from tasks.ingest import assign_splits, elpv_root, elpv_table, read_manifest
+    from tasks.ingest import assign_splits, elpv_root, elpv_table
+    from tasks.manifest import read_manifest
 
     if source == "pipeline":
         manifest, where = read_manifest(manifest_path), f"pipeline manifest {manifest_path}"
@@ -127,8 +132,9 @@ def run_ours(base, data, stage: StageParams, cache: bool, args, meta) -> dict:
     params = TrainParams(image_size=args.size, cpu_image_size=args.size, batch_size=args.batch_size,
                          augment=args.augment, cache_features=cache, threads=args.threads, stages=[stage])
     t0 = time.perf_counter()
-    model, best, history = train.fit(model, data["classes"], tx, ty, vx, vy, params, meta["mean"], meta["std"],
-                                     args.seed, torch.device("cpu"))
+    mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
+    model, best, history = fit(model, Data(data["classes"], Split(tx, ty), Split(vx, vy)), params, mean, std,
+                               args.seed, torch.device("cpu"))
     wall = time.perf_counter() - t0
     return {"model": model, "wall_s": wall, "images_per_s": len(tx) * stage.epochs / wall,
             "val_accuracy": history[-1]["val_accuracy"], "val_macro_f1": history[-1]["val_macro_f1"],
@@ -180,15 +186,15 @@ def run_plain(base, data, stage: StageParams, args, meta) -> dict:
     names = unfreeze_by_hand(model, stage.trainable)
     # same trainable set as our trainer's stage (checked on a copy, so this run stays untouched)
     probe = fresh_model(base, len(data["classes"]), args.seed)
-    train.StagedModel(probe, stage.trainable, stage.bn)
+    StagedModel(probe, stage.trainable, stage.bn)
     ours = sorted(n for n, p in probe.named_parameters() if p.requires_grad)
     if names != ours:
         raise SystemExit(f"plain loop unfreezes {len(names)} tensors, our stage {len(ours)}: fix unfreeze_by_hand")
     torch.manual_seed(args.seed)
-    loader = DataLoader(AugmentedImages(tx, ty, meta["mean"], meta["std"], args.augment), batch_size=args.batch_size,
+    loader = DataLoader(AugmentedImages(tx, ty, meta["preprocessing"]["mean"], meta["preprocessing"]["std"], args.augment), batch_size=args.batch_size,
                         shuffle=True, num_workers=args.plain_workers, generator=torch.Generator().manual_seed(args.seed),
                         persistent_workers=args.plain_workers > 0)
-    val_loader = DataLoader(AugmentedImages(vx, vy, meta["mean"], meta["std"], []), batch_size=args.batch_size)
+    val_loader = DataLoader(AugmentedImages(vx, vy, meta["preprocessing"]["mean"], meta["preprocessing"]["std"], []), batch_size=args.batch_size)
     head = {id(p) for p in model.get_classifier().parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) in head], "lr": stage.lr}]
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head]

@@ -29,8 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks import models, train  # noqa: E402
+from tasks import backbones as models  # noqa: E402
+from tasks.device import pick_device  # noqa: E402
 from tasks.params import StageParams, TrainParams  # noqa: E402
+from tasks.train.loop import Data, Split, fit  # noqa: E402
+from tasks.train.runtime import Dist, init_distributed  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -42,7 +45,7 @@ def synthetic(n: int, size: int, seed: int = 0):
     return x.to(torch.uint8), y
 
 
-def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dist=train.Dist()) -> dict:
+def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dist=Dist()) -> dict:
     x, y = synthetic(args.n, args.size)
     vx, vy = synthetic(max(32, args.n // 8), args.size, seed=1)
     model, _ = models.create("bundled", "efficientnet_lite0", "imagenet")
@@ -54,7 +57,7 @@ def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dis
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    _, best, history = train.fit(model, ["a", "b"], x, y, vx, vy, params, MEAN, STD, 0, device, dist=dist)
+    _, best, history = fit(model, Data(["a", "b"], Split(x, y), Split(vx, vy)), params, MEAN, STD, 0, device, dist)
     wall = time.time() - t0
     last = history[-1]
     return {"amp": amp, "compile": compile_, "trainable": str(trainable), "images_per_s": round(last["images_per_s"], 1),
@@ -66,8 +69,8 @@ def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dis
 
 def ddp_worker(args) -> None:
     """One torchrun process: join the group, train, rank 0 writes its result."""
-    dist = train.init_distributed()
-    device = train.pick_device(dist.local_rank) if args.device == "cuda" else torch.device("cpu")
+    dist = init_distributed()
+    device = pick_device(dist.local_rank) if args.device == "cuda" else torch.device("cpu")
     amp = "bf16" if device.type == "cuda" else "off"
     try:
         result = one_run(args, amp, False, "all", device, dist)

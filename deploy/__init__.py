@@ -1,5 +1,5 @@
 """Serving of exported ONNX models (KServe v2 protocol, hot swap) lands here in a later issue.
 
-It will read models from the registry and preprocess with `tasks.images.load_for_model`,
-the same function training uses.
+It builds on `tasks.inference` (ONNX Runtime session, metadata, the preprocessing contract, batch
+prediction) and `tasks.registry` (the champion alias): neither imports torch or prefect.
 """

@@ -1,7 +1,7 @@
 """The pipeline as a Prefect flow: one task per DVC stage, run in order through `dvc repro`.
 
 Design (see README "Architecture"): DVC is the single owner of what is stale. Each Prefect
-task runs `dvc repro --single-item <stage>`, which runs the stage's `finetune stage ...`
+task runs `dvc repro --single-item <stage>`, which runs the stage's `python -m tasks.<stage>`
 command only when its code, data or params changed, and records the result in `dvc.lock`.
 So a flow run and a plain `dvc repro` do the same work with the same stage functions, and
 `dvc status` is clean after either. Prefect adds what DVC lacks: a dashboard with a parameter

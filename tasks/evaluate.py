@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import logging
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tasks.data import split_arrays
-from tasks.ingest import read_manifest
-from tasks.io import atomic_path, write_json
+from tasks.checkpoint import load_checkpoint
+from tasks.device import pick_device
+from tasks.entry import stage_main
+from tasks.files import atomic_path, write_json
+from tasks.manifest import read_manifest
 from tasks.metrics import curves, evaluation_metrics, positive_index
-from tasks.train import load_checkpoint, pick_device, predict_logits
+from tasks.params import Params
+from tasks.tensors import predict_logits, split_arrays
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
         positive_class: str | None = None) -> dict:
     t0 = time.time()
     model, ckpt = load_checkpoint(checkpoint_path)
-    classes, pre = ckpt["classes"], ckpt["preprocessing"]
+    classes, pre = ckpt.classes, ckpt.preprocessing
     positive = positive_index(classes, positive_class)  # fail fast on a class the model does not know
     device = pick_device()
     model.to(device).to(memory_format=torch.channels_last)
@@ -96,12 +100,12 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     test = manifest[manifest["split"] == "test"]
     if test.empty:
         raise ValueError(f"{manifest_path}: no 'test' images to evaluate on; check data.split.test")
-    images, labels = split_arrays(manifest, images_dir, "test", classes, pre["size"], workers)
-    logits = predict_logits(model, images, pre["mean"], pre["std"], device, batch_size)
+    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers)
+    logits = predict_logits(model, images, pre.mean, pre.std, device, batch_size)
     probs = logits.softmax(1)
     pred = probs.argmax(1)
     metrics = evaluation_metrics(labels.numpy(), probs.numpy(), classes, positive_class)  # CIs: 1000 resamples
-    metrics["image_size"] = pre["size"]
+    metrics["image_size"] = pre.size
     metrics["seconds"] = round(time.time() - t0, 2)
     write_json(metrics_path, metrics)
     preds = pd.DataFrame({
@@ -118,3 +122,19 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     log.info("evaluate: %d test images: accuracy %.4f (95%% CI %.4f-%.4f), macro recall %.4f, macro F1 %.4f", len(test),
              metrics["accuracy"], *metrics["ci"]["accuracy"], metrics["macro_recall"], metrics["macro_f1"])
     return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, checkpoint="models/model.pt", manifest="data/validated.csv",
+               images="data/images", out_dir=("reports/eval", "metrics, predictions and plots (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    out = args.out_dir
+    run(args.checkpoint, args.manifest, args.images, out / "metrics.json", out / "predictions.csv",
+        out / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers,
+        positive_class=p.gates.positive_class)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,17 +20,20 @@ reason, so `dvc repro` stops before export and a Prefect flow run fails with it.
 
 from __future__ import annotations
 
-import json
 import logging
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks import registry
-from tasks.io import atomic_write, read_json, sha256_file, write_json
+from tasks.entry import stage_main
+from tasks.files import atomic_write, read_json, sha256_file, write_json
+from tasks.inference import OnnxClassifier
+from tasks.manifest import read_manifest, read_table, require_labels
 from tasks.metrics import DIRECTION, mcnemar, paired_bootstrap, resampled_metric
-from tasks.params import ChampionGate, GateParams
+from tasks.params import ChampionGate, GateParams, Params
 
 log = logging.getLogger(__name__)
 EPS = 1e-12  # a value at its bound passes, whatever float rounding did
@@ -221,28 +224,27 @@ def report_markdown(verdict: dict) -> str:
 
 def read_predictions(path: Path, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     """The candidate's per-image test predictions: (rows, y, predicted, probabilities)."""
-    df = pd.read_csv(path, dtype={"path": str, "actual": str, "predicted": str})
+    df = read_table(path)
+    require_labels(df, path, "actual")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(df["actual"]) - set(index) | set(df["predicted"]) - set(index))
     if unknown:
         raise ValueError(f"{path}: labels {unknown} are not among the model's classes {classes}")
     prob_cols = [f"p_{c}" for c in classes]
-    probs = df[prob_cols].to_numpy(float) if all(col in df for col in prob_cols) else None
+    probs = df[prob_cols].astype(float).to_numpy() if all(col in df for col in prob_cols) else None
     return df, df["actual"].map(index).to_numpy(), df["predicted"].map(index).to_numpy(), probs
 
 
 def champion_probabilities(onnx_path: Path, image_paths: list[Path], workers: int = 4) -> tuple[list[str], np.ndarray]:
-    """Score the champion's ONNX model with ONNX Runtime on `image_paths`, preprocessed by the one decode
-    path (`tasks.images.load_for_model` via `decode_images`) at the size its metadata states."""
-    from tasks.data import decode_images
-    from tasks.export import ort_session, read_metadata, run_ort
-
-    meta = read_metadata(onnx_path)
-    classes, size = json.loads(meta["classes"]), int(json.loads(meta["preprocessing"])["size"])
-    images = decode_images(image_paths, size, workers, desc="decode test (champion)")
-    logits = run_ort(ort_session(onnx_path), images)
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return classes, e / e.sum(1, keepdims=True)
+    """Score the champion's ONNX model with ONNX Runtime on `image_paths`, through the inference module
+    (the one decode path, at the preprocessing its metadata states; softmax from the graph)."""
+    model = OnnxClassifier(onnx_path)
+    rows = []
+    for pred in model.predict_files(image_paths, workers=workers):
+        if pred.error is not None:
+            raise ValueError(pred.error)
+        rows.append(pred.probabilities)
+    return model.classes, np.stack(rows) if rows else np.zeros((0, len(model.classes)), np.float32)
 
 
 def judge_champion(cfg: GateParams, root: Path, checkpoint_sha256: str, predictions: Path, classes: list[str],
@@ -288,8 +290,6 @@ def run(metrics_path: Path, cfg: GateParams, verdict_path: Path, report_path: Pa
         candidate["registry"] = str(registry_root)
         test_paths = []
         if manifest_path is not None:
-            from tasks.ingest import read_manifest
-
             manifest = read_manifest(manifest_path)
             test_paths = manifest.loc[manifest["split"] == "test", "path"].astype(str).tolist()
         champion = judge_champion(cfg, Path(registry_root), candidate.get("checkpoint_sha256", ""),
@@ -303,3 +303,21 @@ def run(metrics_path: Path, cfg: GateParams, verdict_path: Path, report_path: Pa
     if not verdict["passed"]:
         raise GateFailed(verdict["reason"])
     return verdict
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, metrics="reports/eval/metrics.json",
+               predictions="reports/eval/predictions.csv", checkpoint="models/model.pt",
+               manifest="data/validated.csv", images="data/images",
+               out_dir=("reports/gate", "verdict JSON + Markdown (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    out = args.out_dir
+    run(args.metrics, p.gates, out / "verdict.json", out / "verdict.md", predictions_path=args.predictions,
+        checkpoint_path=args.checkpoint, manifest_path=args.manifest, images_dir=args.images,
+        registry_root=registry.resolve_root(args.params, p.registry.root), workers=p.data.workers)
+
+
+if __name__ == "__main__":
+    main()

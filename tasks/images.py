@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -43,11 +44,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` fully into an upright RGB image, or raise ImageError saying why."""
-    path = Path(path)
+def _name(source: str | Path | BinaryIO) -> str:
+    return str(source) if isinstance(source, (str, Path)) else str(getattr(source, "name", "") or "<upload>")
+
+
+def open_rgb(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file (path or open binary file) fully into an upright RGB image, or raise ImageError
+    naming it and saying why."""
+    path = _name(source)
+    source = Path(source) if isinstance(source, str) else source
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.width * img.height > max_pixels:
                 raise ImageError(f"{path}: {img.width}x{img.height} exceeds the pixel limit {max_pixels}")
             img.load()
@@ -71,8 +78,9 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def load_for_model(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    return resize_square(open_rgb(path, max_pixels), size)
+def load_for_model(source: str | Path | BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A file -> uint8 (3, size, size): the only decode path of training, evaluation, export and serving."""
+    return resize_square(open_rgb(source, max_pixels), size)
 
 
 def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:

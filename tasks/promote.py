@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from argparse import Namespace
 from pathlib import Path
 
 from tasks import registry
-from tasks.io import read_json, write_json
+from tasks.entry import stage_main
+from tasks.files import read_json, write_json
+from tasks.inference import read_metadata
+from tasks.params import Params
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "roc_auc", "pr_auc", "ece", "n")
@@ -26,8 +30,6 @@ class PromotionRefused(RuntimeError):
 
 def onnx_metadata(onnx_path: Path) -> dict:
     """Lineage the export wrote into the ONNX file (classes, data version, params hash, git commit...)."""
-    from tasks.export import read_metadata
-
     meta = read_metadata(onnx_path)
     return {
         "classes": json.loads(meta.get("classes", "null")),
@@ -90,3 +92,19 @@ def register_file(onnx_path: Path, registry_root: Path, model_card: Path | None 
         raise registry.RegistryError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
     metadata = {"source": "manual", "note": note, "checkpoint_sha256": None, **meta}
     return registry.register(registry_root, version_files(onnx_path, None, model_card, predictions), metadata)
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, onnx_path="models/model.onnx", int8_dir="models/int8",
+               model_card="models/model_card.md", verdict="reports/gate/verdict.json",
+               metrics="reports/eval/metrics.json", predictions="reports/eval/predictions.csv",
+               report=("reports/promote.json", "what was registered and promoted (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    run(args.onnx_path, args.int8_dir, args.model_card, args.verdict, args.metrics, args.predictions,
+        registry.resolve_root(args.params, p.registry.root), args.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from tasks.io import sha256_file, write_json
+from tasks.files import sha256_file, write_json
 
 CHAMPION = "champion.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -47,6 +47,11 @@ LOCK_TIMEOUT_S = 120
 
 class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message names the file or version and the fix."""
+
+
+def resolve_root(params_path: str | Path, root: str | Path) -> Path:
+    """`registry.root` from a params file: relative to that file's folder (the project folder)."""
+    return Path(root) if Path(root).is_absolute() else Path(params_path).parent / root
 
 
 def version_name(number: int) -> str:

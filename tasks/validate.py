@@ -18,20 +18,20 @@ import os
 import shutil
 import tempfile
 import time
+from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.ingest import read_manifest
-from tasks.io import atomic_path, atomic_write, write_json
-from tasks.params import ValidateParams
+from tasks.entry import stage_main
+from tasks.files import UMASK, atomic_path, atomic_write, write_json
+from tasks.manifest import SPLITS, read_manifest
+from tasks.params import Params, ValidateParams
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "split", "width", "height", "mode", "sha256", "decodes_ok")
 OFFENDING_CAP = 50  # offending items kept per check in results.json / summary.md (the count is always exact)
 MESSAGE_CAP = 10  # offending items spelled out in one failure message
@@ -471,10 +471,10 @@ def _build_checks(specs: list[_Spec], gx_results: dict[int, dict], df: pd.DataFr
 def validate_manifest(manifest: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
                       expected_fractions: dict[str, float] | None) -> ValidationOutcome:
     """Run every check over `manifest`; never raises for bad data (see `ValidationOutcome`)."""
-    return _validate(manifest, params, classes, expected_fractions, docs_dir=None)
+    return validate_into(manifest, params, classes, expected_fractions, docs_dir=None)
 
 
-def _validate(manifest: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
+def validate_into(manifest: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
               expected_fractions: dict[str, float] | None, docs_dir: Path | None) -> ValidationOutcome:
     start = time.perf_counter()
     unknown = sorted(set(params.warn_only) - set(CHECKS))
@@ -529,10 +529,10 @@ def _validate(manifest: pd.DataFrame, params: ValidateParams, classes: list[str]
 
 def _schema_failure(manifest: pd.DataFrame, missing: list[str], start: float) -> ValidationOutcome:
     message = f"manifest is missing column(s) {missing}; expected {list(REQUIRED_COLUMNS)} (run the ingest stage)"
-    return _input_failure(message, start, manifest, offending=[{"item": c, "detail": "missing column"} for c in missing])
+    return input_failure(message, start, manifest, offending=[{"item": c, "detail": "missing column"} for c in missing])
 
 
-def _input_failure(message: str, start: float, manifest: pd.DataFrame | None = None,
+def input_failure(message: str, start: float, manifest: pd.DataFrame | None = None,
                    offending: list[dict[str, str]] | None = None) -> ValidationOutcome:
     """An outcome for input that could not be validated at all (no manifest, wrong columns)."""
     log.error("validate: %s", message)
@@ -595,14 +595,12 @@ def _missing_files(manifest: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
     return out
 
 
-def _write_docs(build: Callable[[Path], ValidationOutcome], docs_dir: Path) -> ValidationOutcome:
+def write_docs(build: Callable[[Path], ValidationOutcome], docs_dir: Path) -> ValidationOutcome:
     """Build Data Docs into a temp folder beside `docs_dir`, then swap it in whole."""
     docs_dir = Path(docs_dir)
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{docs_dir.name}.", suffix=".tmp", dir=docs_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the docs are meant to be browsed
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private; the docs are meant to be browsed
     try:
         outcome = build(tmp)
         if not (tmp / "index.html").exists():  # GX did not run or could not render: the summary as HTML
@@ -646,48 +644,35 @@ def run(manifest_path: Path, images_dir: Path, params: ValidateParams, out_manif
         manifest = read_manifest(manifest_path)
     except Exception as exc:  # missing or unreadable file: a message, not a traceback
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        outcome = _input_failure(f"cannot read manifest {manifest_path}: {reason}", start)
+        outcome = input_failure(f"cannot read manifest {manifest_path}: {reason}", start)
     else:
         checked = _missing_files(manifest, images_dir)
-        outcome = _write_docs(lambda d: _validate(checked, params, classes, expected_fractions, d), docs_dir)
+        outcome = write_docs(lambda d: validate_into(checked, params, classes, expected_fractions, d), docs_dir)
         outcome.manifest = manifest.loc[outcome.manifest.index]  # the rows as ingest wrote them
     outcome.time_s = time.perf_counter() - start
     write_reports(outcome, out_manifest, results_json, summary_md)
     return outcome
 
 
-def validate_path(path: Path, params: ValidateParams, out_dir: Path) -> ValidationOutcome:
-    """`finetune validate PATH`: validate an image folder or a CSV/Parquet manifest without the pipeline.
+class ValidationFailed(RuntimeError):
+    """A blocking check failed; the message names the checks and files."""
 
-    The manifest is built in memory (splits 0.25/0.10, an existing `split` column respected);
-    for a folder, its class sub-folders are the declared classes, so an empty one is reported.
-    Reports go to `out_dir`: manifest.csv, validation.json, validation.md and docs/.
-    """
-    from tasks.ingest import SourceError, build_manifest, folder_table, manifest_table
 
-    start = time.perf_counter()
-    path, out_dir = Path(path), Path(out_dir)
-    classes = None
-    try:
-        if path.is_dir():
-            table = folder_table(path)
-            classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        elif not path.exists():
-            raise SourceError(f"{path}: not found")
-        elif path.suffix.lower() in (".csv", ".parquet"):
-            table = manifest_table(path)
-        else:
-            raise SourceError(f"{path}: not an image folder nor a .csv/.parquet manifest")
-    except SourceError as exc:
-        outcome = _input_failure(str(exc), start)
-        write_reports(outcome, None, out_dir / "validation.json", out_dir / "validation.md")
-        return outcome
-    # Probe with at least the ingest default limit, so an over-large image is reported by
-    # `size_bounds` with its size instead of as a decode failure.
-    max_pixels = max(params.max_pixels, DEFAULT_MAX_PIXELS)
-    manifest = build_manifest(table, test=0.25, val=0.10, stratify_by=[], seed=42,
-                              workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels)
-    outcome = _write_docs(lambda d: _validate(manifest, params, classes, None, d), out_dir / "docs")
-    outcome.time_s = time.perf_counter() - start
-    write_reports(outcome, out_dir / "manifest.csv", out_dir / "validation.json", out_dir / "validation.md")
-    return outcome
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, manifest=("data/manifest.csv", "manifest from ingest"),
+               images="data/images", out_manifest=("data/validated.csv", "validated manifest (output)"),
+               out_dir=("reports/validation", "reports and Data Docs (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    split, out = p.data.split, args.out_dir
+    outcome = run(args.manifest, args.images, p.validate_, args.out_manifest, out / "validation.json",
+                  out / "validation.md", out / "docs",
+                  expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test})
+    if not outcome.success:
+        raise ValidationFailed("data validation failed: " + " | ".join(outcome.failures)
+                               + f" (details: {out}/validation.md)")
+
+
+if __name__ == "__main__":
+    main()

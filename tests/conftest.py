@@ -37,6 +37,17 @@ def make_dataset(root: Path, classes=("dark", "bright"), per_class: int = 24, si
     return root
 
 
+def fit(model, classes, x, y, vx, vy, params, mean, std, seed: int = 0, **kwargs):
+    """`tasks.train.loop.fit` on in-memory tensors, on the CPU (what most training tests need)."""
+    import torch
+
+    from tasks.train.loop import Data, Split
+    from tasks.train.loop import fit as fit_
+
+    data = Data(list(classes), Split(x, y), Split(vx, vy))
+    return fit_(model, data, params, list(mean), list(std), seed, kwargs.pop("device", torch.device("cpu")), **kwargs)
+
+
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_dataset(tmp_path / "images")

@@ -27,12 +27,53 @@ def one_line_error(proc, *needles):
         assert needle in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["validate"], ["stage"], ["stage", "train"], ["stage", "export"],
-                                 ["stage", "gate"], ["stage", "promote"], ["promote"], ["rollback"], ["registry"],
-                                 ["registry", "list"], ["registry", "add"]])
-def test_help_everywhere(cmd):
+HELP = {  # command -> what its help must mention (its own options and arguments)
+    (): ["run", "validate", "stage", "registry", "promote", "rollback", "models", "params"],
+    ("run",): ["--set", "--params", "--workdir"],
+    ("validate",): ["PATH", "--out", "--params"],
+    ("stage",): ["ingest", "validate", "fetch-model", "train", "evaluate", "gate", "export", "promote"],
+    ("stage", "ingest"): ["--images", "--manifest", "--params"],
+    ("stage", "train"): ["--manifest", "--checkpoint", "--state", "--no-resume", "torchrun"],
+    ("stage", "gate"): ["--metrics", "--predictions", "--out-dir"],
+    ("stage", "export"): ["--onnx-path", "--int8-dir", "--model-card"],
+    ("stage", "promote"): ["--onnx-path", "--verdict", "--report"],
+    ("promote",): ["VERSION", "--registry"],
+    ("rollback",): ["--registry"],
+    ("registry",): ["list", "add"],
+    ("registry", "list"): ["--registry"],
+    ("registry", "add"): ["ONNX_PATH", "--model-card", "--note"],
+    ("params",): ["defaults"],
+}
+
+
+@pytest.mark.parametrize("cmd", list(HELP), ids=[" ".join(c) or "finetune" for c in HELP])
+def test_help_names_each_commands_own_options(cmd):
     proc = finetune(*cmd, "--help")
-    assert proc.returncode == 0 and "Usage" in proc.stdout and "--" in proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert out.lower().startswith("usage") or "Usage" in out
+    for needle in HELP[cmd]:
+        assert needle.lower() in out.lower(), f"`finetune {' '.join(cmd)} --help` does not mention {needle}"
+
+
+def test_stage_commands_are_the_modules_dvc_runs(tmp_path):
+    """`finetune stage X` and `python -m tasks.X` (what dvc.yaml calls) are one code path: same errors, same exit."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: folder\n  path: {tmp_path / 'absent'}\n")
+    args = ["--params", str(params), "--images", str(tmp_path / "d"), "--manifest", str(tmp_path / "m.csv")]
+    via_cli = finetune("stage", "ingest", *args, cwd=tmp_path)
+    via_module = subprocess.run([sys.executable, "-m", "tasks.ingest", *args], cwd=tmp_path, capture_output=True,
+                                text=True, env=dict(os.environ, FINETUNE_DEBUG="0"), timeout=300)
+    assert via_cli.returncode == via_module.returncode == 1
+    assert via_cli.stderr.splitlines()[-1] == via_module.stderr.splitlines()[-1] == \
+        f"error: data folder not found: {tmp_path / 'absent'}"
+
+
+def test_params_defaults_prints_the_documented_params_file():
+    from tasks.params import render_defaults
+
+    proc = finetune("params", "defaults")
+    assert proc.returncode == 0 and proc.stdout == render_defaults()
 
 
 def test_unknown_params_key(tmp_path):

@@ -10,8 +10,10 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from tasks import models, train
+from tasks import backbones as models
 from tasks.params import StageParams, TrainParams
+from tasks.train.runtime import Dist
+from tests.conftest import fit
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 PARAMS = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, imbalance="none", stages=[
@@ -45,8 +47,8 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         x, y = data()
-        m, _, history = train.fit(model(), ["a", "b"], x, y, x, y, PARAMS, MEAN, STD, 0, torch.device("cpu"),
-                                  dist=train.Dist(rank=rank, world=world, local_rank=rank))
+        m, _, history = fit(model(), ["a", "b"], x, y, x, y, PARAMS, MEAN, STD, 0,
+                            dist=Dist(rank=rank, world=world, local_rank=rank))
         torch.save({"state": m.state_dict(), "history": history}, f"{out}/rank{rank}.pt")
     finally:
         torch_dist.destroy_process_group()
@@ -63,7 +65,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
     torch.set_num_threads(1)
     x, y = data()
-    single, _, history = train.fit(model(), ["a", "b"], x, y, x, y, PARAMS, MEAN, STD, 0, torch.device("cpu"))
+    single, _, history = fit(model(), ["a", "b"], x, y, x, y, PARAMS, MEAN, STD, 0)
     for k, v in single.state_dict().items():
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-3, atol=1e-4, msg=k)
     for a, b in zip(r0["history"], history, strict=True):

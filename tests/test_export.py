@@ -12,11 +12,19 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks import export, ingest, models, train
-from tasks.data import split_arrays
+from tasks import backbones, ingest
+from tasks.backbones.timm_models import BUNDLED_SHA256
+from tasks.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tasks.export import card, int8, onnx_graph
+from tasks.export.int8 import INT8_FILE, ExportError, int8_decision
+from tasks.export.stage import run as export_run
+from tasks.files import sha256_file, write_json
 from tasks.images import load_for_model
-from tasks.io import sha256_file, write_json
+from tasks.inference import OnnxClassifier, read_metadata, session
+from tasks.manifest import read_manifest
 from tasks.params import TrainParams
+from tasks.preprocess import Preprocessing
+from tasks.tensors import split_arrays
 
 SIZE = 64
 
@@ -29,13 +37,14 @@ def setup(tmp_path_factory):
     src = make_dataset(root / "src", per_class=12)
     data = root / "data"
     ingest.run("folder", str(src), "binary", 0.5, 0.25, 0.1, [], 0, 2, data / "images", data / "manifest.csv")
-    base, meta = models.create("bundled", "efficientnet_lite0", "imagenet")
-    model = models.with_new_head(base, 2, seed=0).eval()
-    pre = models.Preprocessing(size=SIZE, mean=tuple(meta["mean"]), std=tuple(meta["std"])).to_dict()
+    base, meta = backbones.create("bundled", "efficientnet_lite0", "imagenet")
+    model = backbones.with_new_head(base, 2, seed=0).eval()
+    weights_pre = Preprocessing.from_dict(meta["preprocessing"])
+    pre = Preprocessing(size=SIZE, mean=weights_pre.mean, std=weights_pre.std)
     ckpt = root / "model.pt"
-    config = {"train": TrainParams().model_dump(mode="json"), "seed": 0}  # what train.run stores
+    config = {"train": TrainParams().model_dump(mode="json"), "seed": 0}  # what the train stage stores
     best = {"score": 0.9, "stage": "unfrozen", "epoch": 3, "global_epoch": 5, "metric": "macro_f1"}
-    train.save_checkpoint(ckpt, model, ["bright", "dark"], meta, pre, config, best)
+    save_checkpoint(ckpt, model, Checkpoint(["bright", "dark"], pre, meta, config, best))
     write_json(root / "verdict.json", {"passed": True, "reason": "all gates passed", "gates": [
         {"metric": "accuracy", "value": 1.0, "bound": 0.85, "passed": True, "reason": "accuracy 1.0000 >= 0.8500"}]})
     write_json(root / "metrics.json", {"accuracy": 1.0, "macro_recall": 1.0, "macro_f1": 1.0, "n": 6,
@@ -47,7 +56,7 @@ def setup(tmp_path_factory):
 def do_export(root, data, ckpt, out_name="model.onnx", **kw):
     args = dict(opset=18, max_abs_diff=1e-3, min_top1_agreement=0.999)
     args.update(kw)
-    return export.run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
+    return export_run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
                       root / "params.yaml", root / out_name, root / "export.json", **args)
 
 
@@ -64,11 +73,11 @@ def test_export_passes_parity_and_metadata_round_trips(setup, exported):
     path, report = exported
     assert report["passed"] and report["max_abs_logit_diff"] < 1e-3 and report["top1_agreement"] == 1.0
     onnx.checker.check_model(str(path))
-    meta = export.read_metadata(path)
+    meta = read_metadata(path)
     assert json.loads(meta["classes"]) == ["bright", "dark"]
     pre = json.loads(meta["preprocessing"])
     assert pre["size"] == SIZE and pre["resize"] == "squash"
-    assert json.loads(meta["weights_origin"])["sha256"] == models.BUNDLED_SHA256["efficientnet_lite0"]
+    assert json.loads(meta["weights_origin"])["sha256"] == BUNDLED_SHA256["efficientnet_lite0"]
     assert "uint8" in meta["input_contract"] and len(meta["data_version"]) == 64
 
 
@@ -76,19 +85,19 @@ def test_fresh_session_given_only_the_file_predicts_like_pytorch(setup, exported
     """A client needs only the file: classes, size and input contract all come from its metadata."""
     root, data, ckpt = setup
     path, _ = exported
-    session = export.ort_session(path)
-    meta = export.read_metadata(path)
+    sess = session(path)
+    meta = read_metadata(path)
     classes, size = json.loads(meta["classes"]), json.loads(meta["preprocessing"])["size"]
     manifest = pd.read_csv(data / "manifest.csv", keep_default_na=False)
     files = [data / "images" / p for p in manifest["path"]]
     batch = np.stack([load_for_model(f, size) for f in files])
-    assert session.get_inputs()[0].type == "tensor(uint8)"
-    logits, probs = session.run(None, {"image": batch})
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    logits, probs = sess.run(None, {"image": batch})
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    model, ck = train.load_checkpoint(ckpt)
+    model, ck = load_checkpoint(ckpt)
     with torch.no_grad():
-        ref = export.Deployable(model, ck["preprocessing"]["mean"], ck["preprocessing"]["std"])(torch.from_numpy(batch))[0]
-    assert [classes[i] for i in logits.argmax(1)] == [ck["classes"][i] for i in ref.argmax(1)]
+        ref = onnx_graph.Deployable(model, ck.preprocessing)(torch.from_numpy(batch))[0]
+    assert [classes[i] for i in logits.argmax(1)] == [ck.classes[i] for i in ref.argmax(1)]
     np.testing.assert_allclose(logits, ref.numpy(), atol=1e-3)
 
 
@@ -103,11 +112,11 @@ def test_perturbed_weight_fails_parity(setup, exported, tmp_path):
     onnx.save(broken, str(tmp_path / "broken.onnx"))
     manifest = pd.read_csv(data / "manifest.csv", keep_default_na=False)
     images, _ = split_arrays(manifest, data / "images", "test", ["bright", "dark"], SIZE)
-    model, ck = train.load_checkpoint(ckpt)
+    model, ck = load_checkpoint(ckpt)
     with torch.no_grad():
-        ref = export.Deployable(model, ck["preprocessing"]["mean"], ck["preprocessing"]["std"])(images)[0].numpy()
-    good = export.parity(ref, export.run_ort(export.ort_session(path), images))
-    bad = export.parity(ref, export.run_ort(export.ort_session(tmp_path / "broken.onnx"), images))
+        ref = onnx_graph.Deployable(model, ck.preprocessing)(images)[0].numpy()
+    good = onnx_graph.parity(ref, int8.run_logits(path, images))
+    bad = onnx_graph.parity(ref, int8.run_logits(tmp_path / "broken.onnx", images))
     assert good["max_abs_logit_diff"] < 1e-3 < bad["max_abs_logit_diff"]
 
 
@@ -115,18 +124,18 @@ def test_failed_parity_keeps_the_previous_model(setup, exported):
     root, data, ckpt = setup
     path, _ = exported
     before = path.read_bytes()
-    with pytest.raises(export.ExportError, match="parity failed"):
+    with pytest.raises(ExportError, match="parity failed"):
         do_export(root, data, ckpt, max_abs_diff=1e-15)
     assert path.read_bytes() == before
-    assert (root / "int8" / export.INT8_FILE).is_file()  # the INT8 model of the previous export stays too
+    assert (root / "int8" / INT8_FILE).is_file()  # the INT8 model of the previous export stays too
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_failed_gate_exports_nothing(setup, tmp_path):
     root, data, ckpt = setup
     write_json(tmp_path / "verdict.json", {"passed": False, "reason": "gate failed: accuracy 0.5 < 0.9"})
-    with pytest.raises(export.ExportError, match="gate did not pass"):
-        export.run(ckpt, data / "manifest.csv", data / "images", tmp_path / "verdict.json", root / "metrics.json",
+    with pytest.raises(ExportError, match="gate did not pass"):
+        export_run(ckpt, data / "manifest.csv", data / "images", tmp_path / "verdict.json", root / "metrics.json",
                    root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999)
     assert not (tmp_path / "model.onnx").exists()
 
@@ -138,19 +147,19 @@ def test_failed_gate_exports_nothing(setup, tmp_path):
     (0.90, 0.89, 0.01, True), (0.90, 0.885, 0.01, False), (0.90, 0.10, 1.0, True),
 ])
 def test_int8_is_kept_only_within_the_accuracy_bound(fp32, int8, bound, kept):
-    assert export.int8_decision(fp32, int8, bound) == (kept, pytest.approx(fp32 - int8))
+    assert int8_decision(fp32, int8, bound) == (kept, pytest.approx(fp32 - int8))
 
 
 def test_int8_kept_with_metadata_and_quantization_entry(setup, exported):
     root = setup[0]
     path, report = exported
-    int8_path = root / "int8" / export.INT8_FILE
+    int8_path = root / "int8" / INT8_FILE
     entry = report["int8"]
     assert entry["status"] == "kept" and entry["path"] == str(int8_path) and entry["sha256"] == sha256_file(int8_path)
     assert entry["calibration_split"] == "val" and 1 <= entry["calibration_images"] <= 5
     assert entry["accuracy_drop"] == pytest.approx(report["onnx_accuracy"] - entry["accuracy"])
     onnx.checker.check_model(str(int8_path))
-    fp32_meta, int8_meta = export.read_metadata(path), export.read_metadata(int8_path)
+    fp32_meta, int8_meta = read_metadata(path), read_metadata(int8_path)
     assert {k: v for k, v in int8_meta.items() if k != "quantization"} == fp32_meta  # same contract and lineage
     q = json.loads(int8_meta["quantization"])
     assert q["format"] == "QDQ" and q["fp32_sha256"] == sha256_file(path) and q["calibration_split"] == "val"
@@ -163,28 +172,28 @@ def test_int8_kept_with_metadata_and_quantization_entry(setup, exported):
 
 def test_fresh_session_given_only_the_int8_file_predicts_valid_probabilities(setup, exported):
     root, data, _ = setup
-    int8_path = root / "int8" / export.INT8_FILE
-    session = export.ort_session(int8_path)
-    meta = export.read_metadata(int8_path)
+    int8_path = root / "int8" / INT8_FILE
+    sess = session(int8_path)
+    meta = read_metadata(int8_path)
     classes, size = json.loads(meta["classes"]), json.loads(meta["preprocessing"])["size"]
     manifest = pd.read_csv(data / "manifest.csv", keep_default_na=False)
     batch = np.stack([load_for_model(data / "images" / p, size) for p in manifest["path"]])
-    assert session.get_inputs()[0].type == "tensor(uint8)"
-    logits, probs = session.run(None, {"image": batch})
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    logits, probs = sess.run(None, {"image": batch})
     assert probs.shape == (len(batch), len(classes)) and np.isfinite(logits).all()
     assert (probs >= 0).all() and (probs <= 1).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
-    fp32_logits = export.ort_session(root / "model.onnx").run(["logits"], {"image": batch})[0]
+    fp32_logits = session(root / "model.onnx").run(["logits"], {"image": batch})[0]
     assert np.abs(logits - fp32_logits).max() < 1.0  # quantized, not broken
 
 
 def test_int8_outside_the_bound_is_dropped_and_a_stale_one_removed(setup, exported, tmp_path):
     root, data, ckpt = setup
-    stale = tmp_path / "int8" / export.INT8_FILE
+    stale = tmp_path / "int8" / INT8_FILE
     stale.parent.mkdir()
     stale.write_bytes(b"an INT8 model of an older export")
     # a bound no model can meet (accuracy cannot drop by less than -1) forces the drop
-    report = export.run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
+    report = export_run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
                         root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999,
                         int8=True, int8_max_accuracy_drop=-1.5, int8_calibration_images=3)
     assert report["passed"] and report["int8"]["status"] == "dropped"
@@ -197,24 +206,72 @@ def test_int8_outside_the_bound_is_dropped_and_a_stale_one_removed(setup, export
 def test_model_card_has_the_key_sections(setup, exported):
     root, _, _ = setup
     path, report = exported
-    card = (root / "model_card.md").read_text()
+    text = (root / "model_card.md").read_text()
     for section in ("## Intended use", "## Data", "## Training recipe", "## Metrics (test split)", "## Gate verdict",
                     "## Export verification", "## INT8 model", "## Input contract", "## Known limits"):
-        assert section in card, section
-    meta = export.read_metadata(path)
-    assert meta["data_version"] in card and report["sha256"] in card and "`bright`, `dark`" in card
-    assert "| frozen | 10 | head |" in card  # the recipe comes from the checkpoint's config
-    assert "61.00% – 100.00%" in card  # the CI from the metrics
-    assert "Kept: INT8 test accuracy" in card and "uint8 RGB NCHW" in card
-    assert "| test | " in card and "all gates passed" in card
+        assert section in text, section
+    meta = read_metadata(path)
+    assert meta["data_version"] in text and report["sha256"] in text and "`bright`, `dark`" in text
+    assert "| frozen | 2 | head |" in text  # the recipe comes from the checkpoint's config
+    assert "61.00% – 100.00%" in text  # the CI from the metrics
+    assert "Kept: INT8 test accuracy" in text and "uint8 RGB NCHW" in text
+    assert "| test | " in text and "all gates passed" in text
 
 
 def test_model_card_without_int8_says_so(setup):
     _, _, ckpt = setup
-    card = export.model_card(
-        {"input_contract": "x", "data_version": "d"}, torch.load(ckpt, weights_only=True),
+    _, info = load_checkpoint(ckpt)
+    text = card.render(
+        {"input_contract": "x", "data_version": "d", "git_commit": "c", "params_sha256": "p"}, info,
         {"accuracy": 0.9, "n": 6}, {"passed": True, "reason": "ok"},
         {"max_abs_logit_diff": 0.0, "max_abs_diff_bound": 1e-3, "top1_agreement": 1.0, "min_top1_agreement": 0.999,
-         "onnx_accuracy": 0.9, "onnx_macro_recall": 0.9, "onnx_macro_f1": 0.9, "n": 6},
-        {"enabled": False, "status": "disabled"}, {"test": {"bright": 3, "dark": 3}}, "elpv, task binary")
-    assert "Not produced (`export.int8: false`)" in card and "CC BY-NC-SA 4.0" in card
+         "onnx_accuracy": 0.9, "onnx_macro_recall": 0.9, "onnx_macro_f1": 0.9, "n": 6, "sha256": "s", "bytes": 1,
+         "opset": 18},
+        {"enabled": False, "status": "disabled"}, {"train": {}, "val": {}, "test": {"bright": 3, "dark": 3}},
+        "elpv, task binary")
+    assert "Not produced (`export.int8: false`)" in text and "CC BY-NC-SA 4.0" in text
+
+
+def test_training_input_path_onnx_and_inference_module_agree(setup, exported):
+    """The same files through the training input path (decode + normalise in PyTorch), the exported ONNX
+    graph and the inference module give the same input tensors and the same labels."""
+    from tasks.train.augment import prepare
+
+    root, data, ckpt = setup
+    path, _ = exported
+    model, ck = load_checkpoint(ckpt)
+    manifest = read_manifest(data / "manifest.csv")
+    files = [data / "images" / p for p in manifest["path"]]
+    train_x, _ = split_arrays(manifest.assign(split="all"), data / "images", "all", ck.classes, ck.preprocessing.size)
+    clf = OnnxClassifier(path)
+    assert clf.classes == ck.classes and clf.preprocessing == ck.preprocessing
+    served = np.stack([clf.load(f) for f in files])
+    assert np.array_equal(served, train_x.numpy())  # identical uint8 inputs, byte for byte
+    pre = ck.preprocessing
+    with torch.no_grad():
+        torch_logits = model(prepare(train_x, 0, pre.mean, pre.std, torch.device("cpu"))).numpy()
+    onnx_logits, onnx_probs = clf.run(served)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    streamed = list(clf.predict_files(files, workers=2))
+    assert [p.path for p in streamed] == [str(f) for f in files] and all(p.error is None for p in streamed)
+    labels = [ck.classes[i] for i in torch_logits.argmax(1)]
+    assert [clf.classes[int(p.probabilities.argmax())] for p in streamed] == labels
+    np.testing.assert_allclose(np.stack([p.probabilities for p in streamed]), onnx_probs, atol=1e-6)
+
+
+def test_inference_reports_unreadable_files_and_wrong_inputs(setup, exported, tmp_path):
+    from tasks.inference import ModelError
+
+    root, data, _ = setup
+    path, _ = exported
+    clf = OnnxClassifier(path, batch_size=2)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    good = sorted((data / "images").rglob("*.png"))[:3]
+    out = list(clf.predict_files([good[0], bad, *good[1:]]))
+    assert [p.error is None for p in out] == [True, False, True, True]
+    assert "broken.png" in out[1].error and "cannot decode" in out[1].error
+    with pytest.raises(ModelError, match="uint8 of shape"):
+        clf.run(np.zeros((1, 3, SIZE + 1, SIZE + 1), np.uint8))
+    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+        OnnxClassifier(bad)

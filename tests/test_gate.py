@@ -317,7 +317,7 @@ def test_stage_scores_the_champion_onnx_on_the_same_images(stage_inputs):
 
 
 def test_stage_recognises_the_champion_and_reports_a_broken_registry(stage_inputs):
-    from tasks.io import sha256_file
+    from tasks.files import sha256_file
 
     s = stage_inputs
     onnx = brightness_onnx(s["tmp"] / "champ.onnx", ["bright", "dark"])

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tasks.params import Params, ParamsError, load_params, write_overrides
+from tasks.params import (
+    Params,
+    ParamsError,
+    load_params,
+    render_defaults,
+    write_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_repo_params_file_is_valid_and_matches_defaults_where_it_should():
-    p = load_params(REPO / "params.yaml")
-    assert p.data.source == "elpv" and p.model.arch == "efficientnet_lite0"
-    assert [s.trainable for s in p.train.stages][0] == "head"  # frozen first
-    assert p.train.stages[-1].trainable != "head"  # then (partly) unfrozen
+def committed_params_yaml() -> str:
+    """params.yaml as committed (a local `finetune run --set ...` edits the working copy, not the defaults)."""
+    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
+def test_typed_defaults_equal_params_yaml(tmp_path):
+    """One source: the typed model's defaults are exactly the values in params.yaml, key by key."""
+    f = tmp_path / "params.yaml"
+    f.write_text(committed_params_yaml())
+    assert load_params(f).model_dump() == Params().model_dump()
+
+
+def test_params_yaml_is_rendered_from_the_models_with_every_knob_documented():
+    text = committed_params_yaml()
+    assert text == render_defaults(), "params.yaml drifted from tasks/params.py: `finetune params defaults > params.yaml`"
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    second_stage = [i for i, line in enumerate(lines) if line.lstrip().startswith("- name:")][1]
+    assert all("#" in line for line in lines[:second_stage])  # every knob up to there carries its comment
+    stage_fields = set(Params().train.stages[0].model_dump())
+    later = lines[second_stage:second_stage + len(stage_fields)]  # the other stages reuse the first one's comments
+    assert {line.strip().removeprefix("- ").split(":")[0] for line in later} == stage_fields
+    assert all("#" in line for line in lines[second_stage + len(stage_fields):])
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -81,8 +106,13 @@ def test_missing_params_file_and_bad_yaml(tmp_path):
         load_params(bad)
 
 
-def test_defaults_construct():
-    assert Params().train.stages[0].name == "frozen"
+def test_a_params_file_that_leaves_keys_out_gets_the_documented_defaults(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  batch_size: 8\n")
+    p = load_params(f)
+    documented = load_params(REPO / "params.yaml")
+    assert p.train.batch_size == 8
+    assert p.train.stages == documented.train.stages and p.gates == documented.gates and p.data == documented.data
 
 
 def test_override_inside_a_list(tmp_path):

@@ -162,7 +162,7 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
 @pytest.fixture
 def exported(tmp_path):
     """What the export stage leaves: an ONNX model with metadata, a card, and the gate's verdict."""
-    from tasks.io import write_json
+    from tasks.files import write_json
     from tests.test_gate import brightness_onnx
 
     out = tmp_path / "ws"
@@ -199,7 +199,7 @@ def test_promote_stage_registers_once_and_moves_the_alias(exported, tmp_path):
 
 
 def test_promote_stage_refuses_a_failed_verdict_and_a_changed_champion(exported, tmp_path):
-    from tasks.io import write_json
+    from tasks.files import write_json
     from tasks.promote import PromotionRefused
 
     root = tmp_path / "reg"

@@ -10,9 +10,21 @@ import copy
 import pytest
 import torch
 
-from tasks import models, train
-from tasks.data import apply_variant, class_weights, variants_for
+from tasks import backbones as models
 from tasks.params import StageParams, TrainParams
+from tasks.train import state as saved_state
+from tasks.train.augment import (
+    apply_variant,
+    class_weights,
+    epoch_order,
+    prepare,
+    variants_for,
+)
+from tasks.train.loop import Saving
+from tasks.train.optim import lr_lambda, make_optimizer, param_groups
+from tasks.train.runtime import TrainingError
+from tasks.train.staging import StagedModel
+from tests.conftest import fit
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -59,13 +71,13 @@ def test_frozen_stage_changes_only_the_head_and_unfrozen_all(base):
     m = fresh(base)
     before = copy.deepcopy(m.state_dict())
     p = params(StageParams(name="frozen", epochs=1, trainable="head", lr=1e-2))
-    train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
     after = copy.deepcopy(m.state_dict())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"classifier.weight", "classifier.bias"}
 
     p = params(StageParams(name="all", epochs=1, trainable="all", lr=1e-3, bn="eval"))
-    train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
     final = m.state_dict()
     assert not torch.equal(after["conv_stem.weight"], final["conv_stem.weight"])
     # bn=eval keeps running statistics frozen even while the weights train
@@ -80,7 +92,7 @@ def test_feature_cache_gives_the_same_model(base, trainable):
     results = []
     for cache in (True, False):
         m = fresh(base)
-        train.fit(m, ["a", "b"], x, y, x, y, params(stage, cache_features=cache), MEAN, STD, 0, torch.device("cpu"))
+        fit(m, ["a", "b"], x, y, x, y, params(stage, cache_features=cache), MEAN, STD, 0)
         results.append(m.state_dict())
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=1e-3, atol=2e-4, msg=k)
@@ -90,8 +102,8 @@ def test_last_n_blocks_trains_only_those_blocks(base):
     x, y = toy(n=16)
     m = fresh(base)
     before = copy.deepcopy(m.state_dict())
-    train.fit(m, ["a", "b"], x, y, x, y, params(StageParams(name="s", epochs=1, trainable=1, lr=1e-2)),
-              MEAN, STD, 0, torch.device("cpu"))
+    fit(m, ["a", "b"], x, y, x, y, params(StageParams(name="s", epochs=1, trainable=1, lr=1e-2)),
+              MEAN, STD, 0)
     changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "")
                for k, v in m.state_dict().items() if not torch.equal(before[k], v)}
     assert "blocks.6" in changed and "classifier" in changed
@@ -102,8 +114,8 @@ def test_non_finite_loss_stops_with_a_clear_error(base):
     x, y = toy(n=16)
     m = fresh(base)
     p = params(StageParams(name="boom", epochs=2, trainable="head", lr=1e30))
-    with pytest.raises(train.TrainingError, match=r"non-finite loss.*lower train.stages\[0\].lr"):
-        train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    with pytest.raises(TrainingError, match=r"non-finite loss.*lower train.stages\[0\].lr"):
+        fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
 
 
 def test_same_seed_same_weights(base):
@@ -112,7 +124,7 @@ def test_same_seed_same_weights(base):
     states = []
     for _ in range(2):
         m = fresh(base)
-        train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 7, torch.device("cpu"))
+        fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 7)
         states.append(m.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -122,7 +134,7 @@ def test_learns_a_separable_problem(base):
     vx, vy = toy(n=16, seed=1)
     m = fresh(base)
     p = params(StageParams(name="frozen", epochs=3, trainable="head", lr=3e-2))
-    m, best, history = train.fit(m, ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0, torch.device("cpu"))
+    m, best, history = fit(m, ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0)
     assert best["val"]["accuracy"] >= 0.9
     assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -134,7 +146,7 @@ def test_progressive_resizing_selects_only_full_size_epochs(base):
         StageParams(name="small", epochs=2, trainable="head", lr=3e-2, image_scale=0.67),
         StageParams(name="full", epochs=1, trainable="head", lr=1e-3),
     ])
-    _, best, history = train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    _, best, history = fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
     assert [h["image_size"] for h in history] == [64, 64, 96]
     assert best["stage"] == "full"
 
@@ -160,7 +172,7 @@ def comparable(history):
 def uninterrupted(base):
     x, y = toy(n=24)
     vx, vy = toy(n=8, seed=1)
-    m, _, history = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, two_stages(), MEAN, STD, 3, torch.device("cpu"))
+    m, _, history = fit(fresh(base), ["a", "b"], x, y, vx, vy, two_stages(), MEAN, STD, 3)
     return m, history
 
 
@@ -178,12 +190,12 @@ def test_interrupted_run_resumes_to_the_same_weights(base, uninterrupted, tmp_pa
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"), on_epoch=stop,
-                  state_path=state, fingerprint="f")
-    saved = torch.load(state, weights_only=False)
-    assert len(saved["history"]) == stop_after
-    m, _, h = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, torch.device("cpu"),
-                        state_path=state, fingerprint="f")
+        fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, on_epoch=stop,
+            saving=Saving(state, "f"))
+    saved = saved_state.load(state, "f")
+    assert len(saved.progress.history) == stop_after
+    m, _, h = fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3,
+                        saving=Saving(state, "f"))
     assert comparable(h) == comparable(h_ref)  # same losses, metrics and learning rates epoch by epoch
     ref = m_ref.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
@@ -198,41 +210,41 @@ def test_a_state_from_another_run_is_not_resumed(base, tmp_path):
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"), on_epoch=stop,
-                  state_path=state, fingerprint="old")
-    _, _, history = train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"),
-                              state_path=state, fingerprint="new")
+        fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, on_epoch=stop,
+                  saving=Saving(state, "old"))
+    _, _, history = fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0,
+                              saving=Saving(state, "new"))
     assert len(history) == 2  # started over
 
 
 def test_optimizer_state_carries_over_for_parameters_that_keep_training(base):
     m = fresh(base)
     first = StageParams(name="a", epochs=1, trainable="head", lr=1e-2)
-    staged = train.StagedModel(m, "head", "eval")
-    opt1 = train.make_optimizer(train.param_groups(m, first), first, None)
+    staged = StagedModel(m, "head", "eval")
+    opt1 = make_optimizer(param_groups(m, first), first, None)
     m.get_classifier()(torch.randn(4, m.num_features)).sum().backward()
     opt1.step()
     second = StageParams(name="b", epochs=1, trainable=1, lr=1e-3, backbone_lr_mult=0.1)
-    staged = train.StagedModel(m, 1, "eval")
-    groups = train.param_groups(m, second)
-    opt2 = train.make_optimizer(groups, second, opt1)
+    staged = StagedModel(m, 1, "eval")
+    groups = param_groups(m, second)
+    opt2 = make_optimizer(groups, second, opt1)
     head = m.get_classifier().weight
     assert opt2.state[head] is opt1.state[head] and int(opt2.state[head]["step"]) == 1
     assert {g["name"]: g["lr"] for g in opt2.param_groups} == {
         "backbone": 1e-4, "backbone/no_decay": 1e-4, "head": 1e-3, "head/no_decay": 1e-3}
     assert staged.n_frozen is not None
     sgd = StageParams(name="c", epochs=1, trainable=1, lr=1e-3, optimizer="sgd")
-    opt3 = train.make_optimizer(train.param_groups(m, sgd), sgd, opt2)
+    opt3 = make_optimizer(param_groups(m, sgd), sgd, opt2)
     assert isinstance(opt3, torch.optim.SGD) and not opt3.state  # AdamW moments mean nothing to SGD
 
 
 def test_schedules():
-    cos = train.lr_lambda(100, 10, "cosine")
+    cos = lr_lambda(100, 10, "cosine")
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(99) < 0.01
-    one = train.lr_lambda(100, 0, "onecycle")
+    one = lr_lambda(100, 0, "onecycle")
     assert one(0) == pytest.approx(1 / 25) and one(30) == pytest.approx(1.0)
     assert one(100) == pytest.approx(1e-4) and max(one(s) for s in range(100)) == pytest.approx(1.0)
-    const = train.lr_lambda(100, 0, "constant")
+    const = lr_lambda(100, 0, "constant")
     assert const(0) == const(99) == 1.0
 
 
@@ -240,7 +252,7 @@ def test_sgd_onecycle_stage_learns(base):
     x, y = toy(n=32)
     vx, vy = toy(n=16, seed=1)
     p = params(StageParams(name="s", epochs=3, trainable="head", lr=5e-2, optimizer="sgd", schedule="onecycle"))
-    _, best, history = train.fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0, torch.device("cpu"))
+    _, best, history = fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 0)
     assert best["val"]["accuracy"] >= 0.9 and history[-1]["lr"] < 1e-4 * 5e-2 * 1.01
 
 
@@ -251,7 +263,7 @@ def test_bn_policies(base):
         m = fresh(base)
         before = copy.deepcopy(m.state_dict())
         p = params(StageParams(name="s", epochs=1, trainable="all", lr=1e-3, bn=policy))
-        train.fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+        fit(m, ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
         after = m.state_dict()
         results[policy] = {
             "stats": not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"]),
@@ -267,29 +279,59 @@ def test_early_stopping_ends_a_stage_and_the_next_one_runs(base):
     x, y = toy(n=16)
     p = params(StageParams(name="stuck", epochs=6, trainable="head", lr=1e-12, schedule="constant"),
                StageParams(name="next", epochs=1, trainable="head", lr=1e-2), early_stopping_patience=2)
-    _, _, history = train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))
+    _, _, history = fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
     assert [h["stage"] for h in history] == ["stuck"] * 3 + ["next"]
 
 
 def test_class_balanced_sampler_draws_the_minority_half_the_time():
     labels = torch.tensor([0] * 90 + [1] * 10)
     weights = class_weights(labels, 2)[labels]
-    order = train.epoch_order(len(labels), weights, torch.Generator().manual_seed(0))
+    order = epoch_order(len(labels), weights, torch.Generator().manual_seed(0))
     share = (labels[order] == 1).float().mean().item()
     assert 0.4 < share < 0.6
-    assert sorted(train.epoch_order(5, None, torch.Generator().manual_seed(0)).tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(epoch_order(5, None, torch.Generator().manual_seed(0)).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_crop_and_jitter_are_seeded_and_turn_the_cache_off(base, caplog):
     x, y = toy(n=16)
     p = params(StageParams(name="s", epochs=1, trainable="head", lr=1e-2), augment=["hflip", "crop", "jitter"])
     with caplog.at_level("INFO", logger="tasks.train"):
-        runs = [train.fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0, torch.device("cpu"))[2]
+        runs = [fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0)[2]
                 for _ in range(2)]
     assert "cached prefix=False" in caplog.text
     assert comparable(runs[0]) == comparable(runs[1])
     g = torch.Generator().manual_seed(0)
-    out = train.prepare(x[:4], 0, MEAN, STD, "cpu", {"crop", "jitter"}, 0.5, 0.2, g)
+    out = prepare(x[:4], 0, MEAN, STD, "cpu", {"crop", "jitter"}, 0.5, 0.2, g)
     assert out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()
-    plain = train.prepare(x[:4], 0, MEAN, STD, "cpu")
+    plain = prepare(x[:4], 0, MEAN, STD, "cpu")
     assert not torch.allclose(out, plain)
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("fingerprint", ["run", "another run"])
+def test_a_planted_state_file_never_runs_code(tmp_path, fingerprint):
+    """The header is checked before the payload is read, and the payload loads with weights_only=True."""
+    import io
+    import json
+    import pickle
+
+    marker, state = tmp_path / "pwned", tmp_path / "state.pt"
+    payload = io.BytesIO()
+    torch.save({"progress": _Planted(marker)}, payload, pickle_protocol=2)
+    header = json.dumps({"version": saved_state.VERSION, "fingerprint": fingerprint}).encode() + b"\n"
+    state.write_bytes(saved_state.MAGIC + header + payload.getvalue())
+    assert saved_state.load(state, "run") is None
+    with open(state.with_suffix(".pkl"), "wb") as f:  # the same object through plain pickle does run code
+        pickle.dump(_Planted(marker), f)
+    assert not marker.exists()
+    pickle.loads(state.with_suffix(".pkl").read_bytes())
+    assert marker.exists()

@@ -1,4 +1,7 @@
-"""Training as real processes: killed with SIGKILL and resumed, and two processes under torchrun."""
+"""Training as real processes: killed with SIGKILL at a named point and resumed, and two processes under torchrun.
+
+The kill is deterministic: `FINETUNE_CRASH_AT` names the optimizer step at which the process SIGKILLs itself
+(`tasks.crashpoints`), so a loaded machine cannot make it land elsewhere (no sleeps, no polling)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,14 +28,14 @@ SETTINGS = [
 ]
 
 
-def env() -> dict[str, str]:
+def env(**extra: str) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], PYTHONPATH=str(REPO))
+    return dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], PYTHONPATH=str(REPO), **extra)
 
 
-def finetune(*args, cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+def finetune(*args, cwd: Path, **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env(**extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -72,38 +74,36 @@ def weights(path: Path) -> dict:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("kill_after", [1, 2])  # mid frozen stage; right after the unfreeze
-def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(project, kill_after):
+@pytest.mark.parametrize("stage, epoch, done", [
+    (0, 1, 1),  # mid frozen stage: 1 epoch done, killed at the 3rd step of the 2nd
+    (1, 0, 2),  # right after the unfreeze: killed at the 3rd step of the first unfrozen epoch
+])
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(project, stage, epoch, done):
     reference = project / "out" / "reference" / "model.pt"
     if not reference.exists():
         finish(finetune(*train_args("reference"), cwd=project))
-    name = f"killed{kill_after}"
-    history = project / "out" / name / "history.csv"
-    proc = finetune(*train_args(name), cwd=project, start_new_session=True)
-    deadline = time.time() + 300
-    while rows(history) < kill_after:
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = torch.load(project / "out" / name / "state.pt", weights_only=False)
-    assert len(state["history"]) == kill_after, "the kill should land inside the next epoch"
-    assert not (project / "out" / name / "model.pt").exists()
+    name = f"killed-{stage}-{epoch}"
+    out = project / "out" / name
+    proc = finetune(*train_args(name), cwd=project, FINETUNE_CRASH_AT=f"train:step:stage={stage}:epoch={epoch}:batch=2")
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert rows(out / "history.csv") == done and not (out / "model.pt").exists()
+    with (out / "state.pt").open("rb") as f:  # the state saved after the last completed epoch
+        assert f.readline() == b"FINETUNE-TRAIN-STATE\n"
 
-    out = finish(finetune(*train_args(name), cwd=project))
-    assert "resuming from" in out
-    assert not (project / "out" / name / "state.pt").exists()  # removed once the checkpoint is written
-    ref, got = weights(reference), weights(project / "out" / name / "model.pt")
+    output = finish(finetune(*train_args(name), cwd=project))
+    assert "resuming from" in output
+    assert not (out / "state.pt").exists()  # removed once the checkpoint is written
+    ref, got = weights(reference), weights(out / "model.pt")
     assert all(torch.equal(v, ref[k]) for k, v in got.items())
-    assert rows(history) == rows(project / "out" / "reference" / "history.csv") == 5
+    assert rows(out / "history.csv") == rows(project / "out" / "reference" / "history.csv") == 5
 
 
 @pytest.mark.timeout(900)
 def test_torchrun_two_processes(project):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tasks.cli",
-         *train_args("ddp")], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tasks.train",
+         *train_args("ddp")[2:]], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finish(proc)
     summary = json.loads((project / "out" / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["epochs"] == 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from finetune.validate_any import validate_path
 from tasks.params import ValidateParams
-from tasks.validate import CHECKS, run, validate_manifest, validate_path
+from tasks.validate import CHECKS, run, validate_manifest
 
 CLASSES = ("a", "b", "c")
 PER_CLASS = 20  # 20 per class -> 13 train / 2 val / 5 test with the 0.25/0.10 split
@@ -316,7 +316,7 @@ def test_bad_inputs_are_messages_not_tracebacks(tmp_path):
     assert not unreadable.success and "absent.csv" in unreadable.failures[0]
 
 
-def test_2600_rows_validate_quickly():
+def test_an_elpv_sized_manifest_names_exactly_the_leaked_pair():
     n = 2600
     rng = np.random.default_rng(0)
     manifest = pd.DataFrame({
@@ -328,10 +328,8 @@ def test_2600_rows_validate_quickly():
     manifest.loc[7, "sha256"] = manifest.loc[8, "sha256"]
     manifest.loc[[7, 8], "split"] = ["train", "test"]
 
-    start = time.perf_counter()
     outcome = validate_manifest(manifest, ValidateParams(), ["c0", "c1"], {"train": 0.65, "val": 0.10, "test": 0.25})
 
-    assert time.perf_counter() - start < 30
     assert failing(outcome) == {"no_leakage"} and offenders(outcome, "no_leakage") == {"c1/7.png", "c0/8.png"}
 
 

@@ -1,45 +1,20 @@
-"""Decoded image tensors and dihedral (D4) augmentation shared by training and evaluation.
+"""Training-time augmentation and sampling as tensor ops on the training device.
 
-Images are decoded once (in threads), resized to the model's input size and kept as one uint8
-tensor (N, 3, S, S) in memory (ELPV at 224 px: about 400 MB); augmentation then runs as tensor
-ops on the training device, so no DataLoader workers are needed. The default augmentation is
-the eight flips/90-degree rotations of the square: they suit electroluminescence images (a
-cell has no preferred orientation) and, being a finite set, let the trainer cache the output
-of frozen layers per variant and stay equivalent to augmenting on the fly. Random crops and
+The default augmentation is the eight flips/90-degree rotations of the square (the dihedral group
+D4): right for electroluminescence images (a cell has no preferred orientation) and, being a finite
+set, it lets the trainer cache the output of frozen layers per variant exactly. Random crops and
 brightness/contrast jitter are available too; they switch that cache off.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import Sequence
 
-import pandas as pd
 import torch
-from tqdm import tqdm
 
-from tasks.images import load_for_model
+from tasks.tensors import normalise, standardise
 
-
-def decode_images(paths: list[Path], size: int, workers: int = 4, desc: str = "decode") -> torch.Tensor:
-    """Decode and resize `paths` in parallel into a uint8 tensor (N, 3, size, size)."""
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-
-    def one(i: int) -> None:
-        out[i] = torch.from_numpy(load_for_model(paths[i], size))
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False, disable=None))
-    return out
-
-
-def split_arrays(manifest: pd.DataFrame, images_dir: Path, split: str, classes: list[str], size: int,
-                 workers: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = manifest[manifest["split"] == split]
-    index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[str(label)] for label in rows["label"]], dtype=torch.long)
-    images = decode_images([Path(images_dir) / p for p in rows["path"]], size, workers, desc=f"decode {split}")
-    return images, labels
+DIHEDRAL = {"hflip", "vflip", "rot90"}
 
 
 def variants_for(augment: list[str]) -> list[int]:
@@ -55,9 +30,6 @@ def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
     """Variant v of a batch (N, C, H, W): rotate by (v % 4) * 90 degrees, then flip if v >= 4."""
     x = torch.rot90(x, variant % 4, dims=(2, 3)) if variant % 4 else x
     return torch.flip(x, dims=(3,)) if variant >= 4 else x
-
-
-DIHEDRAL = {"hflip", "vflip", "rot90"}
 
 
 def random_crop_resize(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
@@ -86,15 +58,22 @@ def random_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> tor
     return ((x - mean) * contrast + mean).mul_(brightness).clamp_(0.0, 1.0)
 
 
-def normalise(x_uint8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    return standardise(x_uint8.float().div_(255.0), mean, std)
-
-
-def standardise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Float 0..1 images -> (x - mean) / std per channel."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+def prepare(x_uint8: torch.Tensor, variant: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
+            augment: set[str] = frozenset(), crop_scale: float = 1.0, jitter: float = 0.0,
+            gen: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 images -> the normalised float batch the network sees (dihedral variant, and random
+    crop / brightness-contrast jitter when asked: those need `gen`)."""
+    x = apply_variant(x_uint8, variant).to(device, non_blocking=True)
+    if augment & {"crop", "jitter"}:
+        x = x.float().div_(255.0)
+        if "crop" in augment:
+            x = random_crop_resize(x, crop_scale, gen)
+        if "jitter" in augment:
+            x = random_jitter(x, jitter, gen)
+        x = standardise(x, mean, std)
+    else:
+        x = normalise(x, mean, std)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -102,6 +81,13 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     counts = torch.bincount(labels, minlength=num_classes).float()
     w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     return w / w[counts > 0].mean()
+
+
+def epoch_order(n: int, sample_weight: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
+    """A shuffled pass over the training set, or with `sample_weight` a class-balanced draw with replacement."""
+    if sample_weight is not None:
+        return torch.multinomial(sample_weight, n, replacement=True, generator=gen)
+    return torch.randperm(n, generator=gen)
 
 
 def resize_batch(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:

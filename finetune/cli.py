@@ -1,7 +1,8 @@
-"""`finetune`: the command line. Thin: parse, load typed params, call one stage function.
+"""`finetune`: the command line, the top layer. It imports tasks, flows and deploy; nothing imports it.
 
-Every command turns expected failures (bad params, missing data, failed gate...) into one
-line on stderr and a non-zero exit; `--debug` (or FINETUNE_DEBUG=1) shows the traceback.
+Thin: parse, load typed params, call a stage's `main` or a flow. Every command turns expected
+failures (bad params, missing data, failed gate...) into one line on stderr and a non-zero exit;
+`--debug` (or FINETUNE_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from tasks.io import setup_logging
-from tasks.params import Params, load_params
+from tasks import entry
+from tasks.params import Params, load_params, render_defaults
+from tasks.registry import resolve_root
 
 app = typer.Typer(
     help="Fine-tune a pretrained image classifier on a folder of labelled images and export a gated ONNX model.\n\n"
@@ -29,10 +31,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 stage_app = typer.Typer(
-    help="Run one pipeline stage (what dvc.yaml calls). Paths default to the layout in dvc.yaml.",
+    help="Run one pipeline stage: the same `python -m tasks.<stage>` that dvc.yaml calls (its options follow the "
+    "stage name; `finetune stage train --help` lists them). Paths default to the layout in dvc.yaml.",
     no_args_is_help=True,
 )
 app.add_typer(stage_app, name="stage")
+params_app = typer.Typer(help="The params file: its defaults, documented.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
 log = logging.getLogger("finetune")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
@@ -46,20 +51,11 @@ def friendly(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        setup_logging()
         try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
-        except Exception as exc:  # the one place errors become messages
-            if DEBUG:
-                raise
-            message = str(exc).strip() or type(exc).__name__
-            typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(1)
+            with entry.friendly(DEBUG, keep=(typer.Exit,)):
+                return fn(*args, **kwargs)
+        except SystemExit as exc:  # entry.friendly's exit codes, as typer expects them
+            raise typer.Exit(exc.code if isinstance(exc.code, int) else 1) from None
 
     return wrapper
 
@@ -107,10 +103,10 @@ def validate(
     out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("reports/validate-path"),
 ) -> None:
     """Validate any image folder or manifest with the Great Expectations suite; exit 1 on a blocking failure."""
-    from tasks import validate as validate_mod
+    from finetune.validate_any import validate_path
 
     cfg = _params(params).validate_ if params.exists() else Params().validate_
-    outcome = validate_mod.validate_path(path, cfg, out)
+    outcome = validate_path(path, cfg, out)
     for line in outcome.warnings:
         typer.echo(f"warning: {line}", err=True)
     for line in outcome.failures:
@@ -119,165 +115,39 @@ def validate(
     raise typer.Exit(0 if outcome.success else 1)
 
 
-# ---- stages (dvc.yaml calls these) -------------------------------------------------------
+# ---- stages (dvc.yaml calls `python -m tasks.<stage>`; these run the same `main`) ------------
+
+STAGES = {
+    "ingest": ("tasks.ingest", "Materialise the data source as an image folder + split manifest."),
+    "validate": ("tasks.validate", "Run the Great Expectations suite; write the validated manifest and reports."),
+    "fetch-model": ("tasks.fetch_model", "Resolve and verify the pretrained weights named in `model.*`."),
+    "train": ("tasks.train.stage", "Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint."),
+    "evaluate": ("tasks.evaluate", "Score the checkpoint on the held-out test split (metrics, predictions, plots)."),
+    "gate": ("tasks.gate", "Judge the candidate against the gates and the champion; exit 1 when a gate fails."),
+    "export": ("tasks.export.stage", "Export to ONNX, verify it against PyTorch, optional INT8, model card."),
+    "promote": ("tasks.promote", "Register the exported model and make it the champion."),
+}
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-@stage_app.command("ingest")
-@friendly
-def stage_ingest(
-    params: ParamsOpt = Path("params.yaml"),
-    images: Path = Path("data/images"),
-    manifest: Path = Path("data/manifest.csv"),
-) -> None:
-    """Materialise the data source as an image folder + split manifest."""
-    from tasks import ingest
+def _stage_command(name: str, module: str, summary: str) -> None:
+    def command(ctx: typer.Context) -> None:
+        import importlib
 
-    p = _params(params)
-    d = p.data
-    ingest.run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, d.split.stratify_by, p.seed,
-               d.workers, images, manifest, max_pixels=p.validate_.max_pixels)
+        importlib.import_module(module).main(list(ctx.args))
+
+    command.__doc__ = summary + f" (`python -m {module.removesuffix('.stage')} --help` for its options)"
+    stage_app.command(name, context_settings=PASS_THROUGH, add_help_option=False)(command)
 
 
-@stage_app.command("validate")
-@friendly
-def stage_validate(
-    params: ParamsOpt = Path("params.yaml"),
-    manifest: Path = Path("data/manifest.csv"),
-    images: Path = Path("data/images"),
-    out_manifest: Path = Path("data/validated.csv"),
-    out_dir: Path = Path("reports/validation"),
-) -> None:
-    """Run the Great Expectations suite; write the validated manifest and reports; exit 1 on failure."""
-    from tasks import validate as validate_mod
-
-    p = _params(params)
-    split = p.data.split
-    outcome = validate_mod.run(manifest, images, p.validate_, out_manifest, out_dir / "validation.json",
-                               out_dir / "validation.md", out_dir / "docs",
-                               expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test})
-    if not outcome.success:
-        raise RuntimeError("data validation failed: " + " | ".join(outcome.failures) + f" (details: {out_dir}/validation.md)")
+for _name, (_module, _summary) in STAGES.items():
+    _stage_command(_name, _module, _summary)
 
 
-@stage_app.command("fetch-model")
-@friendly
-def stage_fetch_model(params: ParamsOpt = Path("params.yaml"), out_dir: Path = Path("models/base")) -> None:
-    """Resolve and verify the pretrained weights named in `model.*`."""
-    from tasks import fetch_model
-
-    m = _params(params).model
-    fetch_model.run(m.source, m.arch, m.weights, m.sha256, out_dir)
-
-
-@stage_app.command("train")
-@friendly
-def stage_train(
-    params: ParamsOpt = Path("params.yaml"),
-    manifest: Path = Path("data/validated.csv"),
-    images: Path = Path("data/images"),
-    base: Path = Path("models/base"),
-    checkpoint: Path = Path("models/model.pt"),
-    metrics: Path = Path("reports/train/summary.json"),
-    history: Path = Path("reports/train/history.csv"),
-    state: Annotated[Path, typer.Option(help="Training state saved after every epoch (removed when training "
-                                        "completes); what --resume continues from.")] = Path("models/train_state.pt"),
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from --state when it is from a run "
-                                         "with the same data, weights and params (e.g. after a kill).")] = True,
-) -> None:
-    """Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint by validation score.
-
-    Multi-GPU / multi-node: start it under torchrun (`torchrun --nproc_per_node 4 -m tasks.cli stage train`).
-    """
-    from tasks import train
-
-    p = _params(params)
-    train.run(manifest, images, base, p.train, p.seed, checkpoint, metrics, history, workers=p.data.workers,
-              state_path=state, resume=resume)
-
-
-@stage_app.command("evaluate")
-@friendly
-def stage_evaluate(
-    params: ParamsOpt = Path("params.yaml"),
-    checkpoint: Path = Path("models/model.pt"),
-    manifest: Path = Path("data/validated.csv"),
-    images: Path = Path("data/images"),
-    out_dir: Path = Path("reports/eval"),
-) -> None:
-    """Score the checkpoint on the held-out test split (metrics JSON, predictions, confusion matrix)."""
-    from tasks import evaluate
-
-    p = _params(params)
-    evaluate.run(checkpoint, manifest, images, out_dir / "metrics.json", out_dir / "predictions.csv",
-                 out_dir / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers,
-                 positive_class=p.gates.positive_class)
-
-
-@stage_app.command("gate")
-@friendly
-def stage_gate(
-    params: ParamsOpt = Path("params.yaml"),
-    metrics: Path = Path("reports/eval/metrics.json"),
-    predictions: Path = Path("reports/eval/predictions.csv"),
-    checkpoint: Path = Path("models/model.pt"),
-    manifest: Path = Path("data/validated.csv"),
-    images: Path = Path("data/images"),
-    out_dir: Path = Path("reports/gate"),
-) -> None:
-    """Judge the candidate: absolute gates (`gates.*`) and the registry's champion scored on the same test
-    images; always writes the verdict (JSON + Markdown); exit 1 when a gate fails."""
-    from tasks import gate
-
-    p = _params(params)
-    gate.run(metrics, p.gates, out_dir / "verdict.json", out_dir / "verdict.md", predictions_path=predictions,
-             checkpoint_path=checkpoint, manifest_path=manifest, images_dir=images,
-             registry_root=_registry_root(params, p), workers=p.data.workers)
-
-
-@stage_app.command("export")
-@friendly
-def stage_export(
-    params: ParamsOpt = Path("params.yaml"),
-    checkpoint: Path = Path("models/model.pt"),
-    manifest: Path = Path("data/validated.csv"),
-    images: Path = Path("data/images"),
-    verdict: Path = Path("reports/gate/verdict.json"),
-    metrics: Path = Path("reports/eval/metrics.json"),
-    onnx_path: Path = Path("models/model.onnx"),
-    int8_dir: Path = Path("models/int8"),
-    model_card: Path = Path("models/model_card.md"),
-    report: Path = Path("reports/export.json"),
-) -> None:
-    """Export to ONNX (uint8 input, normalisation folded in), verify it against PyTorch, optionally
-    quantize to INT8 (kept only within `export.int8_max_accuracy_drop`), write the model card."""
-    from tasks import export
-
-    p = _params(params)
-    e, d = p.export, p.data
-    source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if d.source == "elpv" else "")
-    export.run(checkpoint, manifest, images, verdict, metrics, params, onnx_path, report, e.opset, e.max_abs_diff,
-               e.min_top1_agreement, workers=d.workers, int8=e.int8, int8_max_accuracy_drop=e.int8_max_accuracy_drop,
-               int8_calibration_images=e.int8_calibration_images, int8_dir=int8_dir, model_card_path=model_card,
-               data_description=source)
-
-
-@stage_app.command("promote")
-@friendly
-def stage_promote(
-    params: ParamsOpt = Path("params.yaml"),
-    onnx_path: Path = Path("models/model.onnx"),
-    int8_dir: Path = Path("models/int8"),
-    model_card: Path = Path("models/model_card.md"),
-    verdict: Path = Path("reports/gate/verdict.json"),
-    metrics: Path = Path("reports/eval/metrics.json"),
-    predictions: Path = Path("reports/eval/predictions.csv"),
-    report: Path = Path("reports/promote.json"),
-) -> None:
-    """Register the exported model in the registry (once per ONNX file) and make it the champion."""
-    from tasks import promote
-
-    p = _params(params)
-    promote.run(onnx_path, int8_dir, model_card, verdict, metrics, predictions, _registry_root(params, p), report)
+@params_app.command("defaults")
+def params_defaults() -> None:
+    """Print the default params.yaml (every knob, its default and its documentation)."""
+    typer.echo(render_defaults(), nl=False)
 
 
 # ---- model registry -------------------------------------------------------------------------
@@ -291,8 +161,7 @@ def _registry_root(params: Path, p: Params | None = None, override: Path | None 
         return override
     if p is None:
         p = _params(params) if params.exists() else Params()
-    root = Path(p.registry.root)
-    return root if root.is_absolute() else params.parent / root
+    return resolve_root(params, p.registry.root)
 
 
 @app.command("promote")
@@ -380,17 +249,17 @@ def list_models(
 ) -> None:
     """List the pretrained weights usable here (model.source / model.arch / model.weights), marking
     which are available offline (bundled, or already in the torch hub / Hugging Face cache)."""
-    from tasks import models
+    from tasks.backbones.catalog import catalog, hf_cache_dir, hub_dir
 
-    rows = models.catalog(all_weights=all_)
+    rows = catalog(all_weights=all_)
     width = {key: max(len(key), *(len(str(r[key])) for r in rows)) for key in ("source", "arch", "weights")}
     typer.echo(f"{'source':{width['source']}}  {'arch':{width['arch']}}  {'weights':{width['weights']}}  offline  file")
     for r in rows:
         typer.echo(f"{r['source']:{width['source']}}  {r['arch']:{width['arch']}}  {r['weights']:{width['weights']}}  "
                    f"{'yes' if r['offline'] else 'no':7}  {r['file']}")
     hidden = "" if all_ else " (--all lists those needing a download)"
-    typer.echo(f"\ntorchvision cache: {models.hub_dir() / 'checkpoints'}{hidden}\n"
-               f"Hugging Face cache (timm): {models.hf_cache_dir()}\n"
+    typer.echo(f"\ntorchvision cache: {hub_dir() / 'checkpoints'}{hidden}\n"
+               f"Hugging Face cache (timm): {hf_cache_dir()}\n"
                "Also: any timm architecture or torchvision model with model.weights=<path or URL> and model.sha256 "
                "(source timm/checkpoint or torchvision). Offline: FINETUNE_OFFLINE=1.")
 

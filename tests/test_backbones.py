@@ -1,4 +1,5 @@
-"""Model registry: the bundled Lite0 weights are really loaded; bad weights are refused."""
+"""The backbone factory: the bundled Lite0 weights are really loaded; bad weights are refused; every family
+builds through public APIs and rebuilds from its metadata alone."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import models
+from tasks import backbones as models
+from tasks.backbones import torchvision_models
+from tasks.backbones.catalog import catalog
+from tasks.backbones.timm_models import BUNDLED_SHA256
+from tasks.backbones.weights import check_hash_prefix
 from tasks.images import resize_square
-from tasks.data import normalise
+from tasks.tensors import normalise
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,8 @@ def test_bundled_imagenet_head_classifies_real_photos(lite0, photo, expected):
 
     model, meta = lite0
     img = Image.fromarray(getattr(skimage.data, photo)())
-    x = normalise(torch.from_numpy(resize_square(img, 224))[None], meta["mean"], meta["std"])
+    x = normalise(torch.from_numpy(resize_square(img, 224))[None], meta["preprocessing"]["mean"],
+                  meta["preprocessing"]["std"])
     with torch.no_grad():
         top = model(x).softmax(-1)[0].argmax().item()
     assert ImageNetInfo().index_to_description(top) in expected
@@ -39,7 +45,7 @@ def test_bundled_imagenet_head_classifies_real_photos(lite0, photo, expected):
 
 def test_bundled_metadata(lite0):
     _, meta = lite0
-    assert meta["sha256"] == models.BUNDLED_SHA256["efficientnet_lite0"]
+    assert meta["sha256"] == BUNDLED_SHA256["efficientnet_lite0"]
     assert 4_600_000 < meta["num_params"] < 4_700_000  # the 4.7M-parameter Lite0
     assert meta["num_classes"] == 1000
 
@@ -70,7 +76,7 @@ def test_checkpoint_source_requires_matching_sha256(tmp_path):
 
     state = timm.create_model("efficientnet_lite0").state_dict()
     path = _state(tmp_path, state)
-    from tasks.io import sha256_file
+    from tasks.files import sha256_file
 
     good = sha256_file(path)
     model, meta = models.create("checkpoint", "efficientnet_lite0", str(path), good)
@@ -90,7 +96,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"x": _Evil()}, f)
-    from tasks.io import sha256_file
+    from tasks.files import sha256_file
 
     with pytest.raises(models.WeightsError, match="weights_only"):
         models.create("checkpoint", "efficientnet_lite0", str(path), sha256_file(path))
@@ -111,7 +117,7 @@ from pathlib import Path  # noqa: E402
 
 from torch import nn  # noqa: E402
 
-from tasks.io import sha256_file  # noqa: E402
+from tasks.files import sha256_file  # noqa: E402
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # ResNet18_Weights.IMAGENET1K_V1's published file name
 
@@ -193,10 +199,10 @@ def test_check_hash_prefix_accepts_a_file_named_by_its_own_hash(tmp_path):
     torch.save({"w": torch.ones(3)}, path)
     digest = sha256_file(path)
     named = path.rename(tmp_path / f"net-{digest[:8]}.pth")
-    assert models.check_hash_prefix(named) == digest[:8]
-    assert models.check_hash_prefix(named.rename(tmp_path / "plain.pth")) is None
+    assert check_hash_prefix(named) == digest[:8]
+    assert check_hash_prefix(named.rename(tmp_path / "plain.pth")) is None
     with pytest.raises(models.WeightsError, match="substituted"):
-        models.check_hash_prefix((tmp_path / "plain.pth").rename(tmp_path / "net-00000000.pth"))
+        check_hash_prefix((tmp_path / "plain.pth").rename(tmp_path / "net-00000000.pth"))
 
 
 def test_torchvision_cached_weights_pinned_by_sha256_load_with_their_preprocessing(resnet18_cached, resnet18_state):
@@ -204,13 +210,13 @@ def test_torchvision_cached_weights_pinned_by_sha256_load_with_their_preprocessi
 
     digest = sha256_file(resnet18_cached)
     model, meta = models.create("torchvision", "resnet18", "IMAGENET1K_V1", digest, offline=True)
-    assert isinstance(model, models.TorchvisionClassifier)
+    assert isinstance(model, torchvision_models.TorchvisionClassifier)
     assert meta["weights_name"] == "ResNet18_Weights.IMAGENET1K_V1" and meta["sha256"] == digest
     assert meta["weights_file"] == str(resnet18_cached) and meta["num_classes"] == 1000
-    assert meta["preprocessing"] | {"from": None} == {
+    assert meta["pretrained"] | {"from": None} == {
         "input_size": 224, "resize_size": 256, "crop": "center", "interpolation": "bilinear",
         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "from": None}
-    assert (meta["input_size"], meta["interpolation"]) == (224, "bilinear")
+    assert meta["preprocessing"]["size"] == 224 and meta["builder"] == {"num_classes": 1000}
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     # the file's tensors, not a random init: same function as torchvision's own model with that state
     reference = torchvision.models.resnet18()
@@ -238,7 +244,7 @@ def test_fetch_stage_offline_fails_with_one_line_and_non_zero_exit(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("model:\n  source: torchvision\n  arch: resnet50\n  weights: DEFAULT\n")
     env = dict(os.environ, FINETUNE_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"), FINETUNE_DEBUG="0")
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "stage", "fetch-model", "--params", str(params),
+    proc = subprocess.run([sys.executable, "-m", "tasks.fetch_model", "--params", str(params),
                            "--out-dir", str(tmp_path / "base")], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -249,7 +255,7 @@ def test_fetch_stage_offline_fails_with_one_line_and_non_zero_exit(tmp_path):
 
 def test_fetch_stage_records_weights_origin_and_preprocessing(resnet18_cached, tmp_path):
     from tasks import fetch_model
-    from tasks.io import read_json
+    from tasks.files import read_json
 
     digest = sha256_file(resnet18_cached)
     fetch_model.run("torchvision", "resnet18", "DEFAULT", digest, tmp_path / "base", offline=True)
@@ -266,7 +272,7 @@ def test_torchvision_checkpoint_file_in_its_own_naming(tmp_path, torch_home, res
     path = _state(tmp_path, state, "mine.pth")
     model, meta = models.create("torchvision", "resnet18", str(path), sha256_file(path))
     assert model.num_classes == 5 and meta["weights_name"] is None
-    assert meta["preprocessing"]["from"].startswith("assumed")
+    assert meta["pretrained"]["from"].startswith("assumed") and meta["builder"] == {"num_classes": 5}
     rebuilt = models.build(meta)
     rebuilt.load_state_dict(model.state_dict())
 
@@ -283,11 +289,12 @@ def test_timm_weights_from_the_hub_cache_verified_by_blob_name(hf_cache):
     assert meta["sha256"] == blob.name and meta["weights_name"] == "test_resnet.r160_in1k"
     assert torch.equal(model.fc.weight, state["fc.weight"])
     assert torch.equal(model.conv1[0].weight, state["conv1.0.weight"])
-    pre = meta["preprocessing"]
+    pre = meta["pretrained"]
     assert (pre["input_size"], pre["resize_size"], pre["interpolation"]) == (160, 168, "bilinear")
+    assert meta["preprocessing"]["size"] == 160
     assert pre["mean"] == pre["std"] == [0.5] * 3
     assert "state_dict" not in model.pretrained_cfg
-    assert any(r["source"] == "timm" and r["arch"] == "test_resnet" and r["offline"] for r in models.catalog())
+    assert any(r["source"] == "timm" and r["arch"] == "test_resnet" and r["offline"] for r in catalog())
 
     blob.write_bytes(blob.read_bytes() + b"tampered")
     with pytest.raises(models.WeightsError, match="sha256 mismatch"):
@@ -376,8 +383,14 @@ FAMILIES = [  # (source, arch, input size): small variants, random init, to stay
 
 def arch_meta(source: str, arch: str) -> dict:
     """The metadata `create` records, minus the weights (build() needs nothing else)."""
-    return {"source": source, "arch": arch, "num_classes": 1000, "mean": [0.5] * 3, "std": [0.5] * 3,
-            "weights_name": weights_name(arch) if source == "torchvision" else None}
+    meta = {"source": source, "arch": arch, "num_classes": 1000, "weights_name": None,
+            "preprocessing": {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}}
+    if source == "torchvision":
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+        meta.update(weights_name=weights_name(arch), builder=torchvision_models.builder_kwargs(arch, weights))
+    return meta
 
 
 @pytest.mark.parametrize("source, arch, size", FAMILIES, ids=[f"{s}-{a}" for s, a, _ in FAMILIES])
@@ -413,8 +426,11 @@ def test_every_family_swaps_its_head_and_reports_backbone_blocks(source, arch, s
 
 def test_wrapped_torchvision_model_trains_with_cached_features_and_exports_to_onnx(tmp_path):
     """The consumers of the contract: staged training (feature cache exact) and ONNX export."""
-    from tasks import export, train
+    from tasks.export.onnx_graph import Deployable, export_onnx
+    from tasks.inference import session
     from tasks.params import StageParams, TrainParams
+    from tasks.preprocess import Preprocessing
+    from tests.conftest import fit
 
     meta = arch_meta("torchvision", "mobilenet_v3_small")
     base = models.build(meta)
@@ -426,7 +442,7 @@ def test_wrapped_torchvision_model_trains_with_cached_features_and_exports_to_on
     for cache in (True, False):
         m = models.with_new_head(copy.deepcopy(base), 2, seed=0)
         p = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, stages=[stage], cache_features=cache)
-        train.fit(m, ["a", "b"], x, y, x, y, p, meta["mean"], meta["std"], 0, torch.device("cpu"))
+        fit(m, ["a", "b"], x, y, x, y, p, [0.5] * 3, [0.5] * 3)
         results.append(m)
     trained, uncached = results
     for (name, a), b in zip(trained.state_dict().items(), uncached.state_dict().values()):
@@ -434,23 +450,43 @@ def test_wrapped_torchvision_model_trains_with_cached_features_and_exports_to_on
     changed = {n for n, v in trained.state_dict().items() if not torch.equal(v, base.state_dict().get(n, -v))}
     assert changed == {"head.weight", "head.bias"}
 
-    module = export.Deployable(trained.eval(), meta["mean"], meta["std"]).eval()
+    module = Deployable(trained.eval(), Preprocessing(64, mean=(0.5,) * 3, std=(0.5,) * 3)).eval()
     onnx_path = tmp_path / "m.onnx"
-    export.export_onnx(module, 64, onnx_path, 18)
-    ort_logits = export.run_ort(export.ort_session(onnx_path), x[:4])
+    export_onnx(module, 64, onnx_path, 18)
+    ort_logits = session(onnx_path).run(["logits"], {"image": x[:4].numpy()})[0]
     with torch.no_grad():
         torch_logits = module(x[:4])[0].numpy()
     assert np.abs(ort_logits - torch_logits).max() < 1e-3
+
+
+def test_builder_arguments_and_key_renames_follow_torchvision():
+    """What torchvision's builders do with weights, done through `get_model(arch, weights=None, **kwargs)`."""
+    import torchvision
+
+    w = torchvision.models
+    assert torchvision_models.builder_kwargs("vit_b_16", w.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1) == {
+        "num_classes": 1000, "image_size": 384}
+    assert torchvision_models.builder_kwargs("googlenet", w.GoogLeNet_Weights.DEFAULT) == {
+        "num_classes": 1000, "transform_input": True, "aux_logits": False, "init_weights": False}
+    old = {"features.denseblock1.denselayer1.norm.1.weight": torch.ones(1), "aux1.fc.weight": torch.ones(1),
+           "features.conv0.weight": torch.ones(1)}
+    assert set(torchvision_models._fit_keys("densenet121", old)) == {
+        "features.denseblock1.denselayer1.norm1.weight", "features.conv0.weight"}
+
+
+def test_no_library_internals_are_patched():
+    source = "\n".join(p.read_text() for p in Path(models.__file__).parent.glob("*.py"))
+    assert "unittest" not in source and "mock" not in source
 
 
 # ---- `finetune models` ---------------------------------------------------------------------
 
 
 def test_models_command_marks_what_works_offline(resnet18_cached, tmp_path):
-    listed = {(r["source"], r["arch"]) for r in models.catalog()}
+    listed = {(r["source"], r["arch"]) for r in catalog()}
     assert ("torchvision", "resnet18") in listed and ("torchvision", "resnet50") not in listed  # only cached ones
     env = dict(os.environ, TORCH_HOME=str(resnet18_cached.parents[2]), HF_HUB_CACHE=str(tmp_path / "hf"))
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "models", "--all"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "finetune", "models", "--all"], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = {tuple(line.split()[:3]): line.split() for line in proc.stdout.splitlines() if line.strip()}

@@ -1,10 +1,14 @@
-"""Small I/O helpers every stage uses: atomic writes, JSON, hashing, logging setup."""
+"""Files every stage writes: atomic, durable replaces; JSON; sha256.
+
+Every artifact is written to a temp file beside its destination, flushed to disk (`fsync`),
+renamed over the destination, and the folder entry is flushed too. A reader sees the old file
+or the new one, never half of one, and a power loss cannot leave an empty file behind.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -12,9 +16,39 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    """The process umask, read once at import (before worker threads exist): `os.umask` can only be
+    read by setting it, which would race with threads that create files."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is flushed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
+    """Yield a temp path beside `path`; flush it and rename it over `path` only if the block succeeds.
 
     Readers never see a half-written artifact and a failure leaves the previous file intact.
     """
@@ -25,17 +59,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get normal permissions
+        os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600; artifacts get normal permissions
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write(path: str | Path, text: str) -> None:
@@ -67,9 +97,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("great_expectations", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "onnxscript", "torch.onnx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""The `finetune` command line (the top layer: imports tasks, flows and deploy)."""

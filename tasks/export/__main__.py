@@ -1,0 +1,3 @@
+from tasks.export.stage import main
+
+main()

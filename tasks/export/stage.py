@@ -1,0 +1,146 @@
+"""Export stage: the evaluated checkpoint -> a self-describing `model.onnx`, verified.
+
+The exported model takes uint8 images (batch, 3, size, size) and outputs `logits` and
+`probabilities`; normalisation is in the graph, and the metadata carries `classes`,
+`preprocessing` (the `tasks.preprocess.Preprocessing` record), the input contract and the lineage
+(weights origin, data version, params hash, git commit, metrics, verdict). The file is written
+beside its destination, checked with `onnx.checker`, run with ONNX Runtime through the inference
+module on the whole test split and compared with PyTorch (max |logit diff| and top-1 agreement,
+tolerances from `export.*`); only then is it renamed into place, so a failed export leaves the
+previous model untouched. Optionally an INT8 model (`tasks/export/int8.py`) and always a model card
+(`tasks/export/model_card.md.j2`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from argparse import Namespace
+from pathlib import Path
+
+from tasks.checkpoint import load_checkpoint
+from tasks.entry import stage_main
+from tasks.export.card import data_summary, render
+from tasks.export.int8 import INT8_FILE, ExportError, int8_candidate
+from tasks.export.onnx_graph import (
+    Deployable,
+    add_metadata,
+    export_onnx,
+    git_commit,
+    parity,
+    torch_logits,
+)
+from tasks.files import atomic_path, atomic_write, read_json, sha256_file, write_json
+from tasks.inference import OnnxClassifier
+from tasks.manifest import read_manifest
+from tasks.metrics import classification_metrics
+from tasks.params import Params
+from tasks.tensors import split_arrays
+
+log = logging.getLogger("tasks.export")
+
+
+def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_path: Path, metrics_path: Path,
+        params_path: Path, onnx_path: Path, report_path: Path, opset: int, max_abs_diff: float,
+        min_top1_agreement: float, workers: int = 4, *, int8: bool = False, int8_max_accuracy_drop: float = 0.01,
+        int8_calibration_images: int = 256, int8_dir: Path | None = None, model_card_path: Path | None = None,
+        data_description: str | None = None) -> dict:
+    """Gate check, fp32 export + parity, optional INT8, model card, report.
+
+    `int8_dir` (default: `<onnx dir>/int8`) ends up holding `model.int8.onnx` of this model when
+    INT8 is enabled and kept, and nothing otherwise; `model_card_path` defaults to
+    `<onnx dir>/model_card.md`.
+    """
+    t0 = time.time()
+    onnx_path = Path(onnx_path)
+    int8_dir = Path(int8_dir) if int8_dir is not None else onnx_path.parent / "int8"
+    model_card_path = Path(model_card_path) if model_card_path is not None else onnx_path.parent / "model_card.md"
+    verdict = read_json(verdict_path)
+    if not verdict.get("passed"):
+        raise ExportError(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is exported")
+    model, ckpt = load_checkpoint(checkpoint_path)
+    classes, pre = ckpt.classes, ckpt.preprocessing
+    module = Deployable(model, pre).eval()
+    metrics = read_json(metrics_path)
+    metadata = {
+        "classes": json.dumps(classes),
+        "preprocessing": pre.to_json(),
+        "input_contract": pre.describe(),
+        "arch": ckpt.base["arch"],
+        "weights_origin": json.dumps({k: ckpt.base.get(k) for k in ("source", "weights", "sha256")}),
+        "data_version": sha256_file(manifest_path),
+        "params_sha256": hashlib.sha256(Path(params_path).read_bytes()).hexdigest() if Path(params_path).exists() else "",
+        "git_commit": git_commit(),
+        "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "macro_recall", "macro_f1", "n")}),
+        "gate_verdict": json.dumps({"passed": verdict["passed"], "reason": verdict["reason"]}),
+    }
+    manifest = read_manifest(manifest_path)
+    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers)
+    reference = torch_logits(module, images, len(classes))
+    int8_tmp: Path | None = None
+    int8_report: dict = {"enabled": int8, "status": "disabled"}
+    try:
+        with atomic_path(onnx_path) as tmp:
+            export_onnx(module, pre.size, tmp, opset)
+            add_metadata(tmp, metadata)
+            ort_logits, _ = OnnxClassifier(tmp).run(images.numpy())
+            check = parity(reference, ort_logits)
+            onnx_metrics = classification_metrics(labels.numpy(), ort_logits.argmax(1), classes)
+            check.update({"onnx_accuracy": onnx_metrics["accuracy"], "onnx_macro_recall": onnx_metrics["macro_recall"],
+                          "onnx_macro_f1": onnx_metrics["macro_f1"], "max_abs_diff_bound": max_abs_diff,
+                          "min_top1_agreement": min_top1_agreement})
+            check["passed"] = check["max_abs_logit_diff"] <= max_abs_diff and check["top1_agreement"] >= min_top1_agreement
+            if not check["passed"]:
+                write_json(report_path, check)
+                raise ExportError(
+                    f"ONNX parity failed on {check['n']} test images: max |logit diff| {check['max_abs_logit_diff']:.2e} "
+                    f"(bound {max_abs_diff:.0e}), top-1 agreement {check['top1_agreement']:.4f} (bound {min_top1_agreement})"
+                )
+            if int8:
+                int8_tmp, int8_report = int8_candidate(
+                    tmp, int8_dir, metadata, manifest, images_dir, classes, pre.size, workers, images, labels,
+                    ort_logits, onnx_metrics["accuracy"], int8_max_accuracy_drop, int8_calibration_images)
+        # the fp32 model is in place; now the INT8 directory holds this model's INT8 file or nothing
+        int8_path = int8_dir / INT8_FILE
+        int8_dir.mkdir(parents=True, exist_ok=True)
+        if int8_tmp is not None:
+            os.replace(int8_tmp, int8_path)
+            int8_tmp = None
+            int8_report.update({"path": str(int8_path), "bytes": int8_path.stat().st_size,
+                                "sha256": sha256_file(int8_path)})
+        elif int8_path.exists():
+            int8_path.unlink()  # an INT8 file of a previous model must not ship beside this one
+    finally:
+        if int8_tmp is not None and int8_tmp.exists():
+            int8_tmp.unlink()
+    check.update({"onnx_path": str(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": sha256_file(onnx_path),
+                  "opset": opset, "int8": int8_report, "model_card": str(model_card_path),
+                  "seconds": round(time.time() - t0, 2)})
+    atomic_write(model_card_path, render(metadata, ckpt, metrics, verdict, check, int8_report,
+                                         data_summary(manifest), data_description))
+    write_json(report_path, check)
+    log.info("export: %s verified on %d test images (max |diff| %.2e, top-1 agreement %.4f, ONNX accuracy %.4f); "
+             "INT8 %s", onnx_path, check["n"], check["max_abs_logit_diff"], check["top1_agreement"],
+             check["onnx_accuracy"], int8_report["status"])
+    return check
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main(__name__, __doc__, argv, _from_params, checkpoint="models/model.pt", manifest="data/validated.csv",
+               images="data/images", verdict="reports/gate/verdict.json", metrics="reports/eval/metrics.json",
+               onnx_path=("models/model.onnx", "the ONNX model (output)"),
+               int8_dir=("models/int8", "INT8 model folder (output)"),
+               model_card=("models/model_card.md", "model card (output)"),
+               report=("reports/export.json", "parity + INT8 report (output)"))
+
+
+def _from_params(p: Params, args: Namespace) -> None:
+    e, d = p.export, p.data
+    source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if d.source == "elpv" else "")
+    run(args.checkpoint, args.manifest, args.images, args.verdict, args.metrics, args.params, args.onnx_path,
+        args.report, e.opset, e.max_abs_diff, e.min_top1_agreement, workers=d.workers, int8=e.int8,
+        int8_max_accuracy_drop=e.int8_max_accuracy_drop, int8_calibration_images=e.int8_calibration_images,
+        int8_dir=args.int8_dir, model_card_path=args.model_card, data_description=source)

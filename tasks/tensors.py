@@ -1,0 +1,79 @@
+"""Images as tensors for the torch stages (train, evaluate, export): decoding, normalisation, prediction.
+
+Files are decoded by the one decode path (`tasks.images.load_for_model`, in threads) into one uint8
+tensor (N, 3, S, S). `normalise` is the only implementation of input normalisation: training feeds
+the network through it and the exported ONNX graph contains it (`tasks.export.onnx_graph`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tasks.device import Precision
+from tasks.images import DEFAULT_MAX_PIXELS, load_for_model
+
+
+def decode_images(paths: list[Path], size: int, workers: int = 4, desc: str = "decode",
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode and resize `paths` in parallel into a uint8 tensor (N, 3, size, size)."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        out[i] = torch.from_numpy(load_for_model(paths[i], size, max_pixels))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False, disable=None))
+    return out
+
+
+def split_arrays(manifest: pd.DataFrame, images_dir: Path, split: str, classes: list[str], size: int,
+                 workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and label indices of one split of a manifest."""
+    rows = manifest[manifest["split"] == split]
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[str(label)] for label in rows["label"]], dtype=torch.long)
+    images = decode_images([Path(images_dir) / p for p in rows["path"]], size, workers, f"decode {split}", max_pixels)
+    return images, labels
+
+
+def standardise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Float 0..1 images -> (x - mean) / std per channel."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def normalise(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 0..255 images -> the network's float input. The one normalisation (training and ONNX graph)."""
+    return standardise(x_uint8.float() / 255.0, mean, std)
+
+
+def model_input(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                device: torch.device) -> torch.Tensor:
+    """A uint8 batch -> the normalised channels-last float batch on `device`."""
+    x = x_uint8.to(device, non_blocking=True)
+    return normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                   device: torch.device, batch_size: int, precision: Precision = Precision()) -> torch.Tensor:
+    """Logits (float32, CPU) for uint8 images, in eval mode; the model's own modes are restored."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    out = []
+    try:
+        with precision.autocast(torch.device(device)):
+            for start in range(0, len(images), batch_size):
+                out.append(model(model_input(images[start : start + batch_size], mean, std, device)).float().cpu())
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return torch.cat(out) if out else torch.zeros((0, 0))

@@ -1,0 +1,3 @@
+from tasks.train.stage import main
+
+main()

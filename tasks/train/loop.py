@@ -1,0 +1,329 @@
+"""The training loop: stages in order, epochs within a stage, batches within an epoch.
+
+`fit` runs every stage of `train.stages`; each stage rebuilds the trainable set, the optimizer and
+the schedule (`run_stage`); each epoch trains on the augmented images or their cached frozen
+features (`train_epoch`), validates (`validate`), records one history row, keeps the best weights by
+the validation `select_metric` and saves the resumable state (`end_epoch`). The test split is never
+seen here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tasks.crashpoints import crash_point
+from tasks.device import pick_precision
+from tasks.metrics import classification_metrics
+from tasks.params import StageParams, TrainParams
+from tasks.train import state as saved_state
+from tasks.train.augment import (
+    DIHEDRAL,
+    class_weights,
+    epoch_order,
+    prepare,
+    resize_batch,
+    variants_for,
+)
+from tasks.train.optim import make_optimizer, make_scheduler, param_groups
+from tasks.train.runtime import (
+    Dist,
+    TrainingError,
+    gather_objects,
+    loss_is_finite,
+    replica_difference,
+    seed_everything,
+    sum_over_ranks,
+)
+from tasks.train.staging import (
+    FeatureCache,
+    StagedModel,
+    TrainableForward,
+    predict_logits,
+)
+
+log = logging.getLogger("tasks.train")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # long (N,)
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: Split
+    val: Split
+
+
+@dataclass
+class Saving:
+    """Where the resumable state goes and whether a saved one may be continued."""
+
+    path: Path | None = None
+    fingerprint: str = ""
+    resume: bool = True
+
+
+@dataclass
+class Run:
+    """What stays fixed for the whole run (all stages)."""
+
+    model: nn.Module
+    data: Data
+    params: TrainParams
+    mean: list[float]
+    std: list[float]
+    device: torch.device
+    dist: Dist
+    saving: Saving
+    on_epoch: Callable[[list[dict]], None] | None
+    gen: torch.Generator = field(init=False)  # batch order and variants: the same on every rank
+    aug_gen: torch.Generator = field(init=False)  # crop/jitter: per rank
+
+    def __post_init__(self) -> None:
+        self.precision = pick_precision(self.params.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scale_grads)
+        n, labels = len(self.data.classes), self.data.train.labels
+        self.loss_weight = class_weights(labels, n).to(self.device) if self.params.imbalance == "weighted_loss" else None
+        self.sample_weight = class_weights(labels, n)[labels] if self.params.imbalance == "sampler" else None
+        self.variants = torch.tensor(variants_for(self.params.augment))
+        self.extra_aug = set(self.params.augment) - DIHEDRAL
+        # progressive resizing: only full-size epochs may be selected (the checkpoint is used at full size)
+        self.any_full = any(s.image_scale == 1.0 and s.epochs > 0 for s in self.params.stages)
+
+
+@dataclass
+class StageRun:
+    """One stage's live objects."""
+
+    index: int
+    stage: StageParams
+    size: int
+    train_x: torch.Tensor
+    val_x: torch.Tensor
+    staged: StagedModel
+    use_cache: bool
+    train_cache: FeatureCache | None
+    val_cache: FeatureCache | None
+    groups: list[dict]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step_fn: nn.Module
+    offsets: torch.Tensor  # each image cycles through the variants from a random start
+    selectable: bool
+
+
+def fit(model: nn.Module, data: Data, params: TrainParams, mean: list[float], std: list[float], seed: int,
+        device: torch.device, dist: Dist = Dist(), saving: Saving = Saving(),
+        on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[nn.Module, dict, list[dict]]:
+    """Run every stage; return the model with the best validation weights, the best record, history."""
+    run = Run(model, data, params, mean, std, device, dist, saving, on_epoch)
+    run.gen = seed_everything(seed)
+    if dist.world > 1:
+        torch.manual_seed(seed + 7919 * dist.rank)  # dropout masks: independent per rank
+    run.aug_gen = torch.Generator().manual_seed(seed + 1000 * (dist.rank + 1))
+    model.to(device).to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        data.train.images, data.val.images = data.train.images.pin_memory(), data.val.images.pin_memory()
+    progress, best_weights = saved_state.Progress(), copy.deepcopy(model.state_dict())
+    resume = saved_state.load(saving.path, saving.fingerprint) if saving.path is not None and saving.resume else None
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        progress, best_weights = resume.progress, resume.best_weights
+        run.scaler.load_state_dict(resume.scaler)
+        log.info("train: resuming from %s after stage %d epoch %d", saving.path, progress.stage_index, progress.epoch)
+    previous_optimizer = None
+    for index, stage in enumerate(params.stages):
+        if stage.epochs == 0 or (resume is not None and index < resume.progress.stage_index):
+            continue
+        here = resume if resume is not None and index == resume.progress.stage_index else None
+        previous_optimizer, best_weights = run_stage(run, index, stage, progress, best_weights, previous_optimizer, here)
+        resume = None
+    model.load_state_dict(best_weights)
+    return model, progress.best, progress.history
+
+
+def start_stage(run: Run, index: int, stage: StageParams, previous: torch.optim.Optimizer | None) -> StageRun:
+    """Trainable set, caches, optimizer and schedule of one stage."""
+    params, device = run.params, run.device
+    full_train, full_val = run.data.train.images, run.data.val.images
+    full = full_train.shape[-1]
+    size = full if stage.image_scale == 1.0 else max(32, int(round(full * stage.image_scale / 8)) * 8)
+    train_x, val_x = resize_batch(full_train, size), resize_batch(full_val, size)
+    staged = StagedModel(run.model, stage.trainable, stage.bn)
+    use_cache = params.cache_features and staged.cacheable and not run.extra_aug
+
+    def cache(images):
+        return FeatureCache(staged, images, run.mean, run.std, device, params.batch_size, run.precision)
+
+    groups = param_groups(run.model, stage)
+    if not groups:
+        raise TrainingError(f"stage '{stage.name}' has nothing to train (trainable={stage.trainable}, bn={stage.bn})")
+    optimizer = make_optimizer(groups, stage, previous)
+    scheduler = make_scheduler(optimizer, stage, math.ceil(len(train_x) / params.batch_size))
+    step_fn: nn.Module = TrainableForward(staged, use_cache)
+    if run.dist.world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    if params.compile:
+        step_fn = torch.compile(step_fn)
+    offsets = torch.randint(len(run.variants), (len(train_x),), generator=run.gen)
+    return StageRun(index, stage, size, train_x, val_x, staged, use_cache, cache(train_x) if use_cache else None,
+                    cache(val_x) if use_cache else None, groups, optimizer, scheduler, step_fn, offsets,
+                    selectable=stage.image_scale == 1.0 or not run.any_full)
+
+
+def run_stage(run: Run, index: int, stage: StageParams, progress: saved_state.Progress, best_weights: dict,
+              previous: torch.optim.Optimizer | None, resume: saved_state.Saved | None):
+    sr = start_stage(run, index, stage, previous)
+    start_epoch = 0
+    if resume is not None:
+        sr.optimizer.load_state_dict(resume.optimizer)
+        sr.scheduler.load_state_dict(resume.scheduler)
+        sr.offsets = resume.offsets
+        start_epoch = stage.epochs if progress.stage_done else progress.epoch
+        saved_state.set_rng_state(run.gen, run.aug_gen, resume.rng[run.dist.rank])
+    else:
+        progress.stage_best, progress.bad_epochs = -math.inf, 0
+    if start_epoch < stage.epochs:
+        n_trainable = sum(p.numel() for g in sr.groups for p in g["params"])
+        log.info("stage %d '%s': epochs %d-%d at %d px, trainable=%s (%d params, %s, lr %g, backbone x%g), "
+                 "bn=%s, cached prefix=%s", index, stage.name, start_epoch + 1, stage.epochs, sr.size, stage.trainable,
+                 n_trainable, stage.optimizer, stage.lr, stage.backbone_lr_mult, stage.bn, sr.use_cache)
+    for epoch in range(start_epoch, stage.epochs):
+        t0 = time.time()
+        loss, seen = train_epoch(run, sr, epoch)
+        val_loss, val_metrics = validate(run, sr)
+        stop, best_weights = end_epoch(run, sr, progress, best_weights, epoch, loss, seen, val_loss, val_metrics,
+                                       time.time() - t0)
+        if stop:
+            break
+    return sr.optimizer, best_weights
+
+
+def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int]:
+    """One pass over the training images; returns the summed loss and the image count (all ranks)."""
+    params, dist, device = run.params, run.dist, run.device
+    sr.staged.train_mode()
+    order = epoch_order(len(sr.train_x), run.sample_weight, run.gen)
+    choice = run.variants[(sr.offsets + epoch) % len(run.variants)]
+    # this rank's share of each batch; a last batch too small to give every rank an image is skipped
+    batches = [b[dist.rank :: dist.world] for b in order.split(params.batch_size) if len(b) >= dist.world]
+    if sr.use_cache:
+        mine = torch.cat(batches)
+        for v in run.variants.tolist():
+            sr.train_cache.fill(v, mine[choice[mine] == v], desc=f"cache features (variant {v})" if dist.main else None)
+    total_loss, seen = 0.0, 0
+    bar = tqdm(batches, desc=f"{sr.stage.name} {epoch + 1}/{sr.stage.epochs}", unit="batch", leave=False,
+               disable=None if dist.main else True)
+    for b, idx in enumerate(bar):
+        crash_point(f"train:step:stage={sr.index}:epoch={epoch}:batch={b}")
+        x, y = batch_inputs(run, sr, idx, choice[idx])
+        with run.precision.autocast(device):
+            logits = sr.step_fn(x)
+        loss = F.cross_entropy(logits.float(), y, weight=run.loss_weight, label_smoothing=params.label_smoothing)
+        check_finite(loss, run, sr, epoch)
+        sr.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if params.grad_clip > 0:
+            run.scaler.unscale_(sr.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in sr.groups for p in g["params"]], params.grad_clip)
+        run.scaler.step(sr.optimizer)
+        run.scaler.update()
+        sr.scheduler.step()
+        total_loss += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    total_loss, seen = sum_over_ranks([total_loss, float(seen)], dist, device)
+    return total_loss, int(seen)
+
+
+def batch_inputs(run: Run, sr: StageRun, idx: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch the step sees: cached features or augmented images, grouped by variant."""
+    inputs, targets = [], []
+    for v in var.unique().tolist():
+        sub = idx[var == v]
+        if sr.use_cache:
+            inputs.append(sr.train_cache.get(v, sub).to(run.device, non_blocking=True))
+        else:
+            inputs.append(prepare(sr.train_x[sub], v, run.mean, run.std, run.device, run.extra_aug,
+                                  run.params.crop_scale, run.params.jitter, run.aug_gen))
+        targets.append(run.data.train.labels[sub])
+    return torch.cat(inputs), torch.cat(targets).to(run.device, non_blocking=True)
+
+
+def check_finite(loss: torch.Tensor, run: Run, sr: StageRun, epoch: int) -> None:
+    """Stop on a NaN/inf loss (on every rank at once), naming the fix; the last saved state stays."""
+    finite, value = loss_is_finite(loss, run.dist)
+    if not finite:
+        path = run.saving.path
+        kept = f"; the last good state is kept in {path}" if path is not None and Path(path).exists() else ""
+        raise TrainingError(f"non-finite loss ({value}) in stage '{sr.stage.name}' epoch {epoch + 1}; "
+                            f"lower train.stages[{sr.index}].lr (now {sr.stage.lr}){kept}")
+
+
+def validate(run: Run, sr: StageRun) -> tuple[float, dict]:
+    model_or_staged = sr.staged
+    val_y = run.data.val.labels
+    logits = predict_logits(model_or_staged, sr.val_x, run.mean, run.std, run.device, run.params.batch_size * 2,
+                            sr.val_cache, run.precision)
+    val_loss = F.cross_entropy(logits, val_y).item()
+    return val_loss, classification_metrics(val_y.numpy(), logits.argmax(1).numpy(), run.data.classes)
+
+
+def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weights: dict, epoch: int, loss: float,
+              seen: int, val_loss: float, val: dict, seconds: float) -> tuple[bool, dict]:
+    """Record the epoch, keep the best weights, decide on early stopping, save the resumable state."""
+    params, dist, stage = run.params, run.dist, sr.stage
+    record = {
+        "stage": stage.name, "stage_index": sr.index, "epoch": epoch + 1, "global_epoch": len(progress.history) + 1,
+        "train_loss": loss / max(seen, 1), "val_loss": val_loss, "val_accuracy": val["accuracy"],
+        "val_macro_recall": val["macro_recall"], "val_macro_f1": val["macro_f1"],
+        "lr": sr.optimizer.param_groups[-1]["lr"], "image_size": sr.size, "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
+    if dist.world > 1:
+        record["replica_max_diff"] = replica_difference([p for g in sr.groups for p in g["params"]], dist)
+    progress.history.append(record)
+    score = -val_loss if params.select_metric == "loss" else val[params.select_metric]
+    improved = sr.selectable and score > progress.best["score"]
+    if improved:
+        progress.best = {"score": score, "stage": stage.name, "epoch": epoch + 1, "global_epoch": len(progress.history),
+                         "metric": params.select_metric, "val": val}
+        best_weights = copy.deepcopy(run.model.state_dict())
+    if score > progress.stage_best:
+        progress.stage_best, progress.bad_epochs = score, 0
+    else:
+        progress.bad_epochs += 1
+    stop = 0 < params.early_stopping_patience <= progress.bad_epochs and epoch + 1 < stage.epochs
+    if dist.main:
+        log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f (%.0fs, %.1f img/s)%s",
+                 stage.name, epoch + 1, stage.epochs, record["train_loss"], val_loss, val["accuracy"], val["macro_f1"],
+                 seconds, record["images_per_s"], " *" if improved else "")
+        if stop:
+            log.info("%s: no better validation %s for %d epochs: stage stops early", stage.name, params.select_metric,
+                     progress.bad_epochs)
+    progress.stage_index, progress.epoch = sr.index, epoch + 1
+    progress.stage_done = stop or epoch + 1 == stage.epochs
+    if run.saving.path is not None:
+        rngs = gather_objects(saved_state.rng_state(run.gen, run.aug_gen), dist)
+        if dist.main:
+            saved_state.save(run.saving.path, run.saving.fingerprint, saved_state.Saved(
+                progress=progress, model=run.model.state_dict(), best_weights=best_weights,
+                optimizer=sr.optimizer.state_dict(), scheduler=sr.scheduler.state_dict(),
+                scaler=run.scaler.state_dict(), offsets=sr.offsets, rng=rngs))
+    if run.on_epoch is not None and dist.main:
+        run.on_epoch(progress.history)
+    return stop, best_weights

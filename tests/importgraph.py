@@ -1,0 +1,120 @@
+"""The project's import graph, read from the source (AST; imports inside functions count too).
+
+`python -m tests.importgraph` prints each DVC stage's code closure: the exact list its `deps` must hold.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("tasks", "flows", "deploy", "finetune")
+
+
+def module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def project_modules() -> list[str]:
+    return sorted(module_name(p) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@lru_cache(maxsize=None)
+def imports_of(name: str) -> frozenset[str]:
+    """Project modules that module `name` imports (anywhere in the file), resolved to files."""
+    path = module_file(name)
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            candidates = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for c in candidates:
+            if c.split(".")[0] in PACKAGES and module_file(c) is not None:
+                found.add(c)
+    return frozenset(found - {name})
+
+
+def parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def closure(name: str) -> set[str]:
+    """Every project module that running `name` can execute (its imports, theirs, and package __init__s)."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += [*imports_of(m), *parents(m)]
+    return seen
+
+
+def files(modules: set[str]) -> set[str]:
+    return {module_file(m).relative_to(REPO).as_posix() for m in modules}
+
+
+def find_cycle() -> list[str] | None:
+    """A cycle in the module import graph, if any (package __init__ edges included)."""
+    graph = {m: set(imports_of(m)) for m in project_modules()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def stage_modules() -> dict[str, str]:
+    """DVC stage name -> the module its command runs (`python -m <module>`)."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        words = stage["cmd"].split()
+        module = words[words.index("-m") + 1]
+        out[name] = module if module_file(module) and not module_file(module).name == "__init__.py" \
+            else f"{module}.__main__"
+    return out
+
+
+if __name__ == "__main__":
+    for stage, module in stage_modules().items():
+        print(f"{stage}:")
+        for f in sorted(files(closure(module))):
+            print(f"  - {f}")
+    sys.exit(0)

@@ -1,0 +1,97 @@
+"""The shape of the code: stages depend only on what they run, layers import downward, no cycles,
+no patched library internals, and the inference module stays free of torch and prefect."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.importgraph import (
+    REPO,
+    closure,
+    files,
+    find_cycle,
+    imports_of,
+    module_file,
+    project_modules,
+    stage_modules,
+)
+
+# The stage modules (or packages); a stage may import shared modules, never another stage.
+STAGES = ("tasks.ingest", "tasks.validate", "tasks.fetch_model", "tasks.train", "tasks.evaluate", "tasks.gate",
+          "tasks.export", "tasks.promote")
+NON_PYTHON_CODE = {"export": {"tasks/export/model_card.md.j2"}}  # code a stage reads besides its modules
+
+
+def stage_of(module: str) -> str | None:
+    return next((s for s in STAGES if module == s or module.startswith(s + ".")), None)
+
+
+def dvc_code_deps(stage: str) -> set[str]:
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["deps"]
+    return {d for d in deps if d.startswith(("tasks/", "flows/", "deploy/", "finetune/"))}
+
+
+@pytest.mark.parametrize("stage", list(stage_modules()))
+def test_each_dvc_stage_lists_exactly_the_code_it_runs(stage):
+    module = stage_modules()[stage]
+    expected = files(closure(module)) | NON_PYTHON_CODE.get(stage, set())
+    listed = dvc_code_deps(stage)
+    assert listed == expected, (f"dvc.yaml stage '{stage}': missing {sorted(expected - listed)}, "
+                                f"not run {sorted(listed - expected)} (`python -m tests.importgraph` prints the list)")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_shared_modules_only_never_another_stage(stage):
+    entry = f"{stage}.__main__" if module_file(f"{stage}.__main__") else stage
+    others = {m: stage_of(m) for m in closure(entry) if stage_of(m) not in (None, stage)}
+    assert not others, f"{stage} runs code of other stages: {others}"
+
+
+def test_layers_import_downward_only():
+    """finetune (the CLI) -> flows, deploy -> tasks. Nothing imports the CLI; tasks import no upper layer;
+    deploy uses only the torch-free consumer modules."""
+    allowed_in_deploy = {"tasks", "tasks.inference", "tasks.preprocess", "tasks.images", "tasks.registry",
+                         "tasks.files", "tasks.manifest", "tasks.entry", "tasks.params"}
+    for module in project_modules():
+        top = module.split(".")[0]
+        targets = imports_of(module)
+        assert not any(t.split(".")[0] == "finetune" for t in targets) or top == "finetune", (module, targets)
+        if top == "tasks":
+            assert all(t.split(".")[0] == "tasks" for t in targets), (module, targets)
+        if top == "flows":
+            assert all(t.split(".")[0] in ("tasks", "flows") for t in targets), (module, targets)
+            assert not any(stage_of(t) for t in targets), f"{module} imports a stage module: {targets}"
+        if top == "deploy":
+            assert all(t in allowed_in_deploy or t.split(".")[0] == "deploy" for t in targets), (module, targets)
+
+
+def test_no_import_cycles():
+    assert find_cycle() is None, f"import cycle: {' -> '.join(find_cycle())}"
+
+
+def test_no_mocks_or_patches_in_shipped_code():
+    offenders = []
+    for module in project_modules():
+        text = module_file(module).read_text()
+        if "unittest" in text or "mock.patch" in text or "import mock" in text:
+            offenders.append(module)
+    assert not offenders
+
+
+def test_no_module_shadows_the_standard_library():
+    shadows = [m for m in project_modules() if m.split(".")[-1] in sys.stdlib_module_names]
+    assert not shadows, shadows
+
+
+@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry"])
+def test_consumer_modules_import_neither_torch_nor_prefect(module):
+    """What serving needs loads in a fresh interpreter without torch or prefect (a small serving image)."""
+    code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'prefect', 'torchvision', 'timm') "
+            "if m in sys.modules); print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
