@@ -60,3 +60,35 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def brightness_onnx(path, classes, size=32, threshold=128.0):
+    """A tiny 'model' with this pipeline's ONNX contract: uint8 NCHW in, logits and probabilities out;
+    it calls an image 'bright' when its mean pixel is above `threshold`."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("Reshape", ["m", "shape"], ["m2"]),
+        helper.make_node("Sub", ["m2", "t"], ["d"]),
+        helper.make_node("Mul", ["d", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3]),
+             helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1]),
+             helper.make_tensor("t", TensorProto.FLOAT, [], [threshold]),
+             helper.make_tensor("w", TensorProto.FLOAT, [1, 2], [0.1, -0.1])]  # logits [bright, dark]
+    graph = helper.make_graph(nodes, "bright", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["b", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2]),
+                               helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    for key, value in {"classes": json.dumps(classes), "preprocessing": json.dumps({"size": size})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path

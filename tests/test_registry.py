@@ -163,7 +163,7 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
 def exported(tmp_path):
     """What the export stage leaves: an ONNX model with metadata, a card, and the gate's verdict."""
     from tasks.files import write_json
-    from tests.test_gate import brightness_onnx
+    from tests.conftest import brightness_onnx
 
     out = tmp_path / "ws"
     (out / "int8").mkdir(parents=True)
