@@ -105,8 +105,8 @@ def validate(
     """Validate any image folder or manifest with the Great Expectations suite; exit 1 on a blocking failure."""
     from finetune.validate_any import validate_path
 
-    cfg = _params(params).validate_ if params.exists() else Params().validate_
-    outcome = validate_path(path, cfg, out)
+    p = _params(params) if params.exists() else Params()
+    outcome = validate_path(path, p.validate_, out, max_pixels=p.data.max_pixels)
     for line in outcome.warnings:
         typer.echo(f"warning: {line}", err=True)
     for line in outcome.failures:
@@ -176,7 +176,7 @@ def promote_cmd(
     from tasks import registry
 
     root = _registry_root(params, override=registry_)
-    alias, changed = registry.promote(root, version, reason="promoted by hand (finetune promote)")
+    alias, changed = registry.promote(root, version, reason="promoted by hand (finetune promote)", by_hand=True)
     previous = alias["history"][-1] if alias["history"] else "none"
     typer.echo(f"champion: {alias['version']}" + (f" (was {previous})" if changed else " (already the champion)")
                + f"  [{root}]")

@@ -13,7 +13,8 @@ from tasks.ingest import SourceError, build_manifest, folder_table, manifest_tab
 from tasks.params import ValidateParams
 
 
-def validate_path(path: Path, params: ValidateParams, out_dir: Path) -> validate_mod.ValidationOutcome:
+def validate_path(path: Path, params: ValidateParams, out_dir: Path,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> validate_mod.ValidationOutcome:
     """`finetune validate PATH`: validate an image folder or a CSV/Parquet manifest without the pipeline.
 
     The manifest is built in memory (splits 0.25/0.10, an existing `split` column respected);
@@ -37,13 +38,10 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path) -> validate
         outcome = validate_mod.input_failure(str(exc), start)
         validate_mod.write_reports(outcome, None, out_dir / "validation.json", out_dir / "validation.md")
         return outcome
-    # Probe with at least the ingest default limit, so an over-large image is reported by
-    # `size_bounds` with its size instead of as a decode failure.
-    max_pixels = max(params.max_pixels, DEFAULT_MAX_PIXELS)
     manifest = build_manifest(table, test=0.25, val=0.10, stratify_by=[], seed=42,
                               workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels)
-    outcome = validate_mod.write_docs(lambda d: validate_mod.validate_into(manifest, params, classes, None, d),
-                                      out_dir / "docs")
+    outcome = validate_mod.write_docs(
+        lambda d: validate_mod.validate_into(manifest, params, classes, None, d, max_pixels), out_dir / "docs")
     outcome.time_s = time.perf_counter() - start
     validate_mod.write_reports(outcome, out_dir / "manifest.csv", out_dir / "validation.json", out_dir / "validation.md")
     return outcome

@@ -24,6 +24,7 @@ from tasks.checkpoint import load_checkpoint
 from tasks.device import pick_device
 from tasks.entry import stage_main
 from tasks.files import atomic_path, write_json
+from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.manifest import read_manifest
 from tasks.metrics import curves, evaluation_metrics, positive_index
 from tasks.params import Params
@@ -89,7 +90,7 @@ def write_curves(labels, probs, positive: int | None, metrics: dict, out_dir: Pa
 
 def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_path: Path,
         predictions_path: Path, confusion_png: Path, batch_size: int = 32, workers: int = 4,
-        positive_class: str | None = None) -> dict:
+        positive_class: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     t0 = time.time()
     model, ckpt = load_checkpoint(checkpoint_path)
     classes, pre = ckpt.classes, ckpt.preprocessing
@@ -100,7 +101,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     test = manifest[manifest["split"] == "test"]
     if test.empty:
         raise ValueError(f"{manifest_path}: no 'test' images to evaluate on; check data.split.test")
-    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers)
+    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers, max_pixels)
     logits = predict_logits(model, images, pre.mean, pre.std, device, batch_size)
     probs = logits.softmax(1)
     pred = probs.argmax(1)
@@ -133,7 +134,7 @@ def _from_params(p: Params, args: Namespace) -> None:
     out = args.out_dir
     run(args.checkpoint, args.manifest, args.images, out / "metrics.json", out / "predictions.csv",
         out / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers,
-        positive_class=p.gates.positive_class)
+        positive_class=p.gates.positive_class, max_pixels=p.data.max_pixels)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ or the new one, never half of one, and a power loss cannot leave an empty file b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from tasks.crashpoints import crash_point
 
 
 def _read_umask() -> int:
@@ -46,6 +50,59 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def scratch_dir(folder: Path) -> Path:
+    """Where temp files for `folder` go: the DVC project's `.dvc/tmp/finetune` when `folder` is inside a project
+    (on the same filesystem, so the final rename stays atomic), else `folder` itself. Temps then never sit in
+    the workspace, even when a killed stage is later restored from DVC's run cache instead of run again."""
+    for parent in (folder, *folder.parents):
+        if (parent / ".dvc").is_dir():
+            scratch = parent / ".dvc" / "tmp" / "finetune"
+            try:
+                scratch.mkdir(parents=True, exist_ok=True)
+                if os.stat(scratch).st_dev == os.stat(folder).st_dev:
+                    return scratch
+            except OSError:
+                pass
+            break
+    return folder
+
+
+def sweep_temps(folder: Path) -> None:
+    """Remove the temp files and folders killed writers left in `folder` (`.<name>.<pid>.<random>.tmp` whose
+    process is gone); a live writer's temps are left alone."""
+    for stale in folder.glob(".*.tmp"):
+        parts = stale.name.split(".")
+        pid = parts[-3] if len(parts) >= 4 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def new_temp(path: str | Path, directory: bool = False) -> Path:
+    """A fresh temp file (or folder) for writing `path`, named for this process, in `path`'s scratch folder;
+    stale temps there are swept first."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = scratch_dir(path.parent)
+    sweep_temps(folder)
+    prefix = f".{path.name}.{os.getpid()}."
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=folder))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; flush it and rename it over `path` only if the block succeeds.
@@ -53,14 +110,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Readers never see a half-written artifact and a failure leaves the previous file intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = new_temp(path)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600; artifacts get normal permissions
         fsync_file(tmp_path)
+        crash_point(f"write:{path.name}")
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
     finally:

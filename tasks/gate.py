@@ -30,6 +30,7 @@ import pandas as pd
 from tasks import registry
 from tasks.entry import stage_main
 from tasks.files import atomic_write, read_json, sha256_file, write_json
+from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import OnnxClassifier
 from tasks.manifest import read_manifest, read_table, require_labels
 from tasks.metrics import DIRECTION, mcnemar, paired_bootstrap, resampled_metric
@@ -235,12 +236,13 @@ def read_predictions(path: Path, classes: list[str]) -> tuple[pd.DataFrame, np.n
     return df, df["actual"].map(index).to_numpy(), df["predicted"].map(index).to_numpy(), probs
 
 
-def champion_probabilities(onnx_path: Path, image_paths: list[Path], workers: int = 4) -> tuple[list[str], np.ndarray]:
+def champion_probabilities(onnx_path: Path, image_paths: list[Path], workers: int = 4,
+                           max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[list[str], np.ndarray]:
     """Score the champion's ONNX model with ONNX Runtime on `image_paths`, through the inference module
     (the one decode path, at the preprocessing its metadata states; softmax from the graph)."""
     model = OnnxClassifier(onnx_path)
     rows = []
-    for pred in model.predict_files(image_paths, workers=workers):
+    for pred in model.predict_files(image_paths, workers=workers, max_pixels=max_pixels):
         if pred.error is not None:
             raise ValueError(pred.error)
         rows.append(pred.probabilities)
@@ -248,7 +250,7 @@ def champion_probabilities(onnx_path: Path, image_paths: list[Path], workers: in
 
 
 def judge_champion(cfg: GateParams, root: Path, checkpoint_sha256: str, predictions: Path, classes: list[str],
-                   test_paths: list[str], images_dir: Path, workers: int) -> dict:
+                   test_paths: list[str], images_dir: Path, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Find the champion, score it on the candidate's test images and compare; never raises for a
     broken registry or champion model (the verdict says what is wrong)."""
     if cfg.champion.metric is None:
@@ -267,7 +269,8 @@ def judge_champion(cfg: GateParams, root: Path, checkpoint_sha256: str, predicti
             return champion_unusable(version, f"{predictions} does not cover the manifest's test split; rerun evaluate")
         onnx = Path(root) / "versions" / version / "model.onnx"
         log.info("gate: scoring champion %s (%s) on the candidate's %d test images", version, onnx, len(rows))
-        champ_classes, champ_probs = champion_probabilities(onnx, [Path(images_dir) / p for p in rows["path"]], workers)
+        champ_classes, champ_probs = champion_probabilities(onnx, [Path(images_dir) / p for p in rows["path"]], workers,
+                                                            max_pixels)
         if champ_classes != classes:
             return champion_unusable(version, f"champion {version} predicts {champ_classes}, the candidate {classes}: "
                                      "not comparable (set gates.champion.metric: null to judge on the absolute gates)")
@@ -278,12 +281,15 @@ def judge_champion(cfg: GateParams, root: Path, checkpoint_sha256: str, predicti
 
 def run(metrics_path: Path, cfg: GateParams, verdict_path: Path, report_path: Path, *,
         predictions_path: Path | None = None, checkpoint_path: Path | None = None, manifest_path: Path | None = None,
-        images_dir: Path | None = None, registry_root: Path | None = None, workers: int = 4) -> dict:
+        images_dir: Path | None = None, registry_root: Path | None = None, workers: int = 4,
+        max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """The gate stage: judge, always write the verdict and the report, raise GateFailed on failure."""
     metrics = read_json(metrics_path)
-    candidate = {"metrics": str(metrics_path)}
+    candidate = {"metrics": str(metrics_path), "metrics_sha256": sha256_file(metrics_path)}
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         candidate["checkpoint_sha256"] = sha256_file(checkpoint_path)
+    if predictions_path is not None and Path(predictions_path).exists():
+        candidate["predictions_sha256"] = sha256_file(predictions_path)
     if registry_root is None:
         champion = champion_off() if cfg.champion.metric is None else champion_unusable(None, "no registry given")
     else:
@@ -294,7 +300,7 @@ def run(metrics_path: Path, cfg: GateParams, verdict_path: Path, report_path: Pa
             test_paths = manifest.loc[manifest["split"] == "test", "path"].astype(str).tolist()
         champion = judge_champion(cfg, Path(registry_root), candidate.get("checkpoint_sha256", ""),
                                   Path(predictions_path), list(metrics.get("classes") or []), test_paths,
-                                  Path(images_dir or "."), workers)
+                                  Path(images_dir or "."), workers, max_pixels)
     verdict = judge(metrics, cfg, champion)
     verdict["candidate"] = candidate
     write_json(verdict_path, verdict)
@@ -316,7 +322,8 @@ def _from_params(p: Params, args: Namespace) -> None:
     out = args.out_dir
     run(args.metrics, p.gates, out / "verdict.json", out / "verdict.md", predictions_path=args.predictions,
         checkpoint_path=args.checkpoint, manifest_path=args.manifest, images_dir=args.images,
-        registry_root=registry.resolve_root(args.params, p.registry.root), workers=p.data.workers)
+        registry_root=registry.resolve_root(args.params, p.registry.root), workers=p.data.workers,
+        max_pixels=p.data.max_pixels)
 
 
 if __name__ == "__main__":

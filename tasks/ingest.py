@@ -1,10 +1,14 @@
-"""Ingest stage: a data source -> `data/images/` + a split manifest (`data/manifest.csv`).
+"""Ingest stage: a data source -> `data/images/`, a split manifest (`data/manifest.csv`) and the
+declared classes (`data/classes.json`).
 
 Sources: the bundled ELPV set, an image folder (`root/<class>/**/*.png`), or a CSV/Parquet
-manifest (`path,label[,split]`, paths relative to the manifest's folder). The manifest
-records, per image: path (relative to the images folder), label, split and what `probe_image`
-finds (size, mode, bytes, sha256, decodes_ok, error). Broken images are recorded, not
-dropped: the validate stage decides what to do with them.
+manifest (`path,label[,split]`, paths relative to the manifest's folder, inside the data folder).
+The manifest records, per image: path (relative to the images folder), label, split and what
+`probe_image` finds (size, mode, bytes, sha256, decodes_ok, error). Broken, missing or unreadable
+images are recorded, not dropped: the validate stage decides what to do with them. The declared
+classes are every class the source names (a folder source's sub-folders, empty ones included), so
+validation can tell that a class has no images. Symbolic links may point anywhere inside the data
+folder and nowhere outside it, for every source.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +26,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from tasks.crashpoints import crash_point
 from tasks.entry import stage_main
-from tasks.files import atomic_path
-from tasks.images import IMAGE_EXTENSIONS, probe_image
+from tasks.files import UMASK, atomic_path, fsync_dir, new_temp, write_json
+from tasks.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, probe_image
 from tasks.manifest import SPLITS, ManifestError, read_table, require_labels
 from tasks.params import Params
 
@@ -78,23 +84,42 @@ def elpv_table(task: str = "binary", defect_threshold: float = 0.5) -> pd.DataFr
     return df[["path", "label", "probability", "type", "source"]]
 
 
+def inside(path: Path, root: Path, what: str) -> Path:
+    """`path` resolved (links followed), refused when it lands outside `root`: one policy for every source."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise SourceError(f"{what} '{path}' leads outside the data folder {root} (to {resolved}); copy the file into "
+                          "the data folder instead of linking to it")
+    return resolved
+
+
+def folder_classes(root: str | Path) -> list[str]:
+    """The classes a folder declares: its visible sub-folders, empty ones included."""
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def folder_table(root: str | Path) -> pd.DataFrame:
     """`root/<class>/**/<image>` -> rows (path relative to root, label = first folder)."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"data folder not found: {root}")
     rows = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(class_dir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append({"path": f.relative_to(root).as_posix(), "label": class_dir.name, "source": str(f)})
+    for label in folder_classes(root):
+        if not label.strip():
+            raise SourceError(f"class folder {str(root / label)!r} has a blank name; a label needs a visible character")
+        inside(root / label, root, "class folder")
+        for f in sorted((root / label).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+                inside(f, root, "image")
+                rows.append({"path": f.relative_to(root).as_posix(), "label": label, "source": str(f)})
     if not rows:
         raise SourceError(f"no images found in {root} (expected {root}/<class>/<image>{'|'.join(IMAGE_EXTENSIONS)})")
     return pd.DataFrame(rows)
 
 
-def manifest_table(manifest: str | Path) -> pd.DataFrame:
-    """A CSV/Parquet manifest with `path,label[,split]`; paths may not escape its folder."""
+def manifest_table(manifest: str | Path, root: str | Path | None = None) -> pd.DataFrame:
+    """A CSV/Parquet manifest with `path,label[,split]`: paths relative to its folder, never outside `root`
+    (default: its folder)."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise SourceError(f"manifest not found: {manifest}")
@@ -105,21 +130,28 @@ def manifest_table(manifest: str | Path) -> pd.DataFrame:
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise SourceError(f"{manifest}: missing column(s) {sorted(missing)}; expected path,label[,split]")
+    if df.empty:
+        raise SourceError(f"{manifest}: lists no images (only a header)")
     try:
         require_labels(df, manifest)
     except ManifestError as exc:
         raise SourceError(str(exc)) from None
-    root = manifest.parent.resolve()
-    sources = []
+    base = manifest.parent
+    root = Path(root) if root is not None else base
+    paths, sources = [], []
     for p in df["path"].astype(str):
-        full = (root / p).resolve()
-        if not full.is_relative_to(root):
-            raise SourceError(f"{manifest}: path '{p}' escapes the data root {root}")
-        sources.append(str(full))
+        if not p.strip():
+            raise SourceError(f"{manifest}: a row has an empty path")
+        listed = Path(os.path.normpath(base / p))
+        try:
+            sources.append(inside(listed, root, f"{manifest}: path"))
+        except OSError as exc:  # e.g. a symlink loop
+            raise SourceError(f"{manifest}: path '{p}' cannot be resolved ({exc.strerror or exc})") from None
+        paths.append(Path(os.path.relpath(listed, root)).as_posix())
     df = df.copy()
-    df["path"] = [Path(s).relative_to(root).as_posix() for s in sources]
+    df["path"] = paths
+    df["source"] = [str(s) for s in sources]
     df["label"] = df["label"].astype(str)
-    df["source"] = sources
     if "split" in df.columns:
         bad = sorted(set(df["split"].astype(str)) - set(SPLITS) - {""})
         if bad:
@@ -168,18 +200,29 @@ def probe_all(sources: list[str], workers: int, max_pixels: int) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def source_table(source: str, path: str | None, task: str, defect_threshold: float) -> pd.DataFrame:
+def source_table(source: str, path: str | None, task: str, defect_threshold: float,
+                 manifest_name: str = "manifest.csv") -> tuple[pd.DataFrame, list[str]]:
+    """The source's rows (path, label, source file, ...) and the classes it declares."""
     if source == "elpv":
         if path:
             check_elpv_source(Path(path))
-        return elpv_table(task, defect_threshold)
+        classes = ["defective", "functional"] if task == "binary" else sorted(ELPV_FOUR_CLASS.values())
+        return elpv_table(task, defect_threshold), classes
     if source == "folder":
-        return folder_table(path)
-    return manifest_table(path)
+        table = folder_table(path)
+        return table, folder_classes(path)
+    root = Path(path)
+    if root.is_file():
+        raise SourceError(f"data.path must be the folder holding the manifest and its images (DVC then tracks every "
+                          f"image in it), not the file {root}: set data.path={root.parent} data.manifest={root.name}")
+    if not root.is_dir():
+        raise SourceError(f"data folder not found: {root}")
+    table = manifest_table(root / manifest_name, root)
+    return table, sorted(table["label"].unique())
 
 
 def build_manifest(table: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int,
-                   workers: int = 4, max_pixels: int = 50_000_000) -> pd.DataFrame:
+                   workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
     df = table.reset_index(drop=True).copy()
     df["split"] = assign_splits(df, test, val, stratify_by, seed)
     probes = probe_all(df["source"].tolist(), workers, max_pixels)
@@ -188,33 +231,51 @@ def build_manifest(table: pd.DataFrame, test: float, val: float, stratify_by: li
     return df[front + [c for c in df.columns if c not in front]]
 
 
-def materialise(df: pd.DataFrame, images_dir: Path) -> None:
-    """Copy the source images under `images_dir` (built beside it, then swapped in whole)."""
+def materialise(df: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
+    """Copy the source images under `images_dir` (built beside it, then swapped in whole).
+
+    A file that cannot be read is not copied; its row keeps `decodes_ok` false with the reason, for
+    validation to judge. Nothing half-built is left behind, whatever fails (a kill included: the
+    next run starts by removing leftovers)."""
     images_dir = Path(images_dir)
-    tmp = images_dir.with_name(images_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for src, rel in tqdm(zip(df["source"], df["path"]), total=len(df), desc="copy images", unit="img", disable=None):
-        dst = tmp / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-    old = images_dir.with_name(images_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if images_dir.exists():
-        images_dir.rename(old)
-    tmp.rename(images_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    df = df.copy()
+    tmp = new_temp(images_dir, directory=True)
+    old = None
+    try:
+        for i, (src, rel) in enumerate(tqdm(zip(df["source"], df["path"]), total=len(df), desc="copy images",
+                                            unit="img", disable=None)):
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copyfile(src, dst)
+            except OSError as exc:
+                df.loc[df.index[i], ["decodes_ok", "error"]] = [False, f"unreadable ({exc.strerror or exc})"]
+        tmp.chmod(0o777 & ~UMASK)
+        crash_point("ingest:copied")
+        if images_dir.exists():
+            old = new_temp(images_dir, directory=True)
+            os.replace(images_dir, old)  # onto the empty temp folder: one rename
+        os.replace(tmp, images_dir)
+        fsync_dir(images_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return df
 
 
 def run(source: str, path: str | None, task: str, defect_threshold: float, test: float, val: float,
         stratify_by: list[str], seed: int, workers: int, images_dir: Path, manifest_path: Path,
-        max_pixels: int = 50_000_000) -> pd.DataFrame:
-    """The ingest stage: read the source, split, probe, materialise images and the manifest."""
-    table = source_table(source, path, task, defect_threshold)
-    log.info("ingest: %d images from %s source, classes %s", len(table), source, sorted(table["label"].unique()))
-    manifest = build_manifest(table, test, val, stratify_by, seed, workers, max_pixels)
-    materialise(manifest, images_dir)
+        max_pixels: int = DEFAULT_MAX_PIXELS, classes_path: Path | None = None,
+        manifest_name: str = "manifest.csv") -> pd.DataFrame:
+    """The ingest stage: read the source, split, probe, materialise images, the manifest and the classes."""
+    table, classes = source_table(source, path, task, defect_threshold, manifest_name)
+    log.info("ingest: %d images from %s source, classes %s", len(table), source, classes)
+    manifest = materialise(build_manifest(table, test, val, stratify_by, seed, workers, max_pixels), images_dir)
     with atomic_path(manifest_path) as tmp:
         manifest.drop(columns=["source"]).to_csv(tmp, index=False)
+    if classes_path is not None:
+        write_json(classes_path, {"classes": classes, "source": source})
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("ingest: split counts\n%s", counts.to_string())
     return manifest
@@ -222,13 +283,15 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
 
 def main(argv: list[str] | None = None) -> None:
     stage_main(__name__, __doc__, argv, _from_params, images=("data/images", "materialised images (output)"),
-               manifest=("data/manifest.csv", "split manifest (output)"))
+               manifest=("data/manifest.csv", "split manifest (output)"),
+               classes=("data/classes.json", "the classes the source declares (output)"))
 
 
 def _from_params(p: Params, args: Namespace) -> None:
     d = p.data
     run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, d.split.stratify_by, p.seed,
-        d.workers, args.images, args.manifest, max_pixels=p.validate_.max_pixels)
+        d.workers, args.images, args.manifest, max_pixels=d.max_pixels, classes_path=args.classes,
+        manifest_name=d.manifest)
 
 
 if __name__ == "__main__":

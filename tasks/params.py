@@ -68,14 +68,21 @@ class SplitParams(Strict):
 
 class DataParams(Strict):
     source: Literal["elpv", "folder", "manifest"] = doc(
-        "elpv", "elpv (bundled solar-cell EL images) | folder (root/<class>/*) | manifest (CSV/Parquet path,label[,split])")
-    path: str | None = doc("sources/elpv", "the data (a DVC dependency of ingest): image folder or manifest file; for "
-                           "elpv the folder pinning the package's content (sources/elpv/SOURCE.json)")
+        "elpv", "elpv (bundled solar-cell EL images) | folder (path/<class>/*) | manifest (a CSV/Parquet table "
+        "path,label[,split] in the folder `path`, named by `manifest`)")
+    path: str | None = doc("sources/elpv", "the data folder (a DVC dependency of ingest: every file in it is tracked): "
+                           "the image folder, the folder holding the manifest and its images, or for elpv the folder "
+                           "pinning the package's content (sources/elpv/SOURCE.json)")
+    manifest: str = doc("manifest.csv", "manifest source: the table's file name inside `path`; its image paths are "
+                        "relative to `path` and may not leave it")
     task: Literal["binary", "four_class"] = doc(
         "binary", "elpv only: binary (functional/defective) | four_class (defect probability 0, 1/3, 2/3, 1)")
     defect_threshold: Fraction = doc(0.5, "elpv binary: a cell is 'defective' when its defect probability is above this")
     split: SplitParams = Field(default_factory=SplitParams, description="how images are split into train/val/test")
     workers: Annotated[int, Field(ge=1, le=64)] = doc(4, "threads for decoding/probing images")
+    max_pixels: Annotated[int, Field(ge=1)] = doc(
+        50_000_000, "decompression-bomb guard: an image above this many pixels is refused, by every stage that reads "
+        "images (one limit: validation, training, evaluation, the gate, export)")
 
     @model_validator(mode="after")
     def _path_for_source(self) -> "DataParams":
@@ -90,13 +97,19 @@ class ValidateParams(Strict):
     split_tolerance: Fraction = doc(0.05, "allowed deviation of actual split fractions from data.split")
     min_side: Annotated[int, Field(ge=1)] = doc(32, "smallest allowed image width/height (px)")
     max_side: Annotated[int, Field(ge=1)] = doc(8192, "largest allowed image width/height (px)")
-    max_pixels: Annotated[int, Field(ge=1)] = doc(
-        50_000_000, "decompression-bomb guard: images above this many pixels are refused")
     allowed_modes: list[str] = doc(["L", "RGB", "RGBA", "P", "I;16", "I", "LA", "CMYK"],
                                    "PIL modes accepted (all are converted to RGB)")
     on_corrupt: Literal["fail", "quarantine"] = doc(
         "fail", "fail: undecodable images fail validation | quarantine: drop them, record them, go on")
-    warn_only: list[str] = doc([], "names of checks that only warn instead of blocking (see tasks/validate.py CHECKS)")
+    warn_only: list[str] = doc(["duplicates_within_split"], "names of checks that only warn instead of blocking (see "
+                               "tasks/validate.py CHECKS); any check not listed blocks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_pixels" in data:
+            raise ValueError("validate.max_pixels moved to data.max_pixels (one pixel limit for every stage)")
+        return data
 
 
 class ModelParams(Strict):
@@ -189,6 +202,8 @@ class TrainParams(Strict):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        if not any(s.epochs > 0 for s in stages):
+            raise ValueError("every stage has epochs: 0, so nothing would be trained; give at least one stage epochs")
         return stages
 
 

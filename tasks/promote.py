@@ -1,9 +1,11 @@
 """Promote stage: a gated, exported model -> a registry version, made champion.
 
-Runs after export, so only a model whose every gate passed gets here; it refuses a failed verdict
-anyway. Registering is idempotent (the same ONNX file, by sha256, is never a second version), and
-the alias moves only if the champion is still the one the gate compared against (a conditional
-update: a candidate judged against v1 never replaces a v3 promoted in the meantime).
+Runs after export, so only a model whose every gate passed gets here; it refuses anything else,
+before it registers anything: a failed verdict; a verdict about another candidate (the exported
+model's checkpoint and the predictions must be the ones the gate judged); a champion that changed
+since the gate compared against it (unless it is the same checkpoint, exported again); a candidate
+whose checkpoint a person rolled back (it stays rolled back until someone promotes it by hand).
+Registering is idempotent (the same ONNX file, by sha256, is never a second version).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from tasks import registry
 from tasks.entry import stage_main
-from tasks.files import read_json, write_json
+from tasks.files import read_json, sha256_file, write_json
 from tasks.inference import read_metadata
 from tasks.params import Params
 
@@ -40,6 +42,7 @@ def onnx_metadata(onnx_path: Path) -> dict:
         "input_contract": meta.get("input_contract"),
         "preprocessing": json.loads(meta.get("preprocessing", "null")),
         "metrics": json.loads(meta.get("metrics", "{}")),
+        "candidate": json.loads(meta.get("candidate", "{}")),
     }
 
 
@@ -52,24 +55,55 @@ def version_files(onnx_path: Path, int8_dir: Path | None, model_card: Path | Non
     return files
 
 
+def check_candidate(verdict: dict, verdict_path: Path, onnx_meta: dict, predictions_path: Path,
+                    registry_root: Path) -> str | object:
+    """Refuse a stale or foreign verdict; return the champion the alias may move from (`registry.ANY`: any)."""
+    if not verdict.get("passed"):
+        raise PromotionRefused(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is promoted")
+    judged = verdict.get("candidate") or {}
+    exported = onnx_meta.get("candidate") or {}
+    if not judged.get("checkpoint_sha256") or judged.get("checkpoint_sha256") != exported.get("checkpoint_sha256"):
+        raise PromotionRefused(f"{verdict_path} judged checkpoint {str(judged.get('checkpoint_sha256'))[:12]}..., the "
+                               f"exported model is of {str(exported.get('checkpoint_sha256'))[:12]}...: a stale verdict; "
+                               "nothing is promoted (run dvc repro to judge and export the same candidate)")
+    if judged.get("predictions_sha256") != sha256_file(predictions_path):
+        raise PromotionRefused(f"{predictions_path} changed since the gate judged it: a stale verdict; nothing is "
+                               "promoted (run dvc repro)")
+    rolled_back = registry.rolled_back_checkpoints(registry_root)
+    if judged["checkpoint_sha256"] in rolled_back:
+        raise PromotionRefused(f"this candidate's checkpoint was rolled back ({rolled_back[judged['checkpoint_sha256']]}): "
+                               "it stays out until a person promotes it (finetune promote VERSION)")
+    champion_block = verdict.get("champion") or {}
+    if champion_block.get("status") not in ("none", "same", "compared"):
+        return registry.ANY
+    expected = champion_block.get("version")
+    current = registry.read_champion(registry_root)
+    now = current["version"] if current else None
+    if now != expected and not (now and registry.read_metadata(registry_root, now).get("checkpoint_sha256")
+                                == judged["checkpoint_sha256"]):
+        raise PromotionRefused(f"the champion changed since the gate judged this candidate: it compared against "
+                               f"{expected or 'no champion'}, the champion is now {now or 'none'}; judge again "
+                               "(dvc repro -f -s gate, then dvc repro); nothing is promoted")
+    return now
+
+
 def run(onnx_path: Path, int8_dir: Path, model_card: Path, verdict_path: Path, metrics_path: Path,
         predictions_path: Path, registry_root: Path, report_path: Path) -> dict:
     verdict = read_json(verdict_path)
-    if not verdict.get("passed"):
-        raise PromotionRefused(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is promoted")
+    onnx_meta = onnx_metadata(onnx_path)
+    expected = check_candidate(verdict, verdict_path, onnx_meta, predictions_path, registry_root)
     metrics = read_json(metrics_path)
     champion_block = verdict.get("champion") or {}
     metadata = {
         "source": "pipeline",
-        "checkpoint_sha256": (verdict.get("candidate") or {}).get("checkpoint_sha256"),
-        **onnx_metadata(onnx_path),
+        "checkpoint_sha256": verdict["candidate"]["checkpoint_sha256"],
+        **onnx_meta,
         "metrics": {k: metrics.get(k) for k in HEADLINE if k in metrics},
         "ci": metrics.get("ci", {}),
         "verdict": {"passed": True, "reason": verdict.get("reason"), "compared_with": champion_block.get("version")},
     }
     files = version_files(onnx_path, int8_dir, model_card, predictions_path)
     version, created = registry.register(registry_root, files, metadata)
-    expected = champion_block.get("version") if champion_block.get("status") in ("none", "same", "compared") else registry.ANY
     alias, changed = registry.promote(registry_root, version, reason=f"pipeline: {verdict.get('reason')}",
                                      expected=expected)
     report = {"version": version, "registered": created, "promoted": changed, "champion": alias["version"],

@@ -38,7 +38,8 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from tasks.files import sha256_file, write_json
+from tasks.crashpoints import crash_point
+from tasks.files import fsync_dir, fsync_file, sha256_file, write_json
 
 CHAMPION = "champion.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -132,9 +133,24 @@ def read_champion(root: str | Path) -> dict | None:
         raise RegistryError(f"{path}: 'version' should be a version name such as v0001, got {version!r}")
     if not isinstance(history, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in history):
         raise RegistryError(f"{path}: 'history' should be a list of version names, got {history!r}")
+    rolled_back = data.get("rolled_back", [])
+    if not isinstance(rolled_back, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in rolled_back):
+        raise RegistryError(f"{path}: 'rolled_back' should be a list of version names, got {rolled_back!r}")
     if not (Path(root) / "versions" / version).is_dir():
         raise RegistryError(f"{path} names version {version}, which is not in {Path(root) / 'versions'}")
-    return {"version": version, "history": history, **{k: v for k, v in data.items() if k not in ("version", "history")}}
+    return {"version": version, "history": history, "rolled_back": rolled_back,
+            **{k: v for k, v in data.items() if k not in ("version", "history", "rolled_back")}}
+
+
+def rolled_back_checkpoints(root: str | Path) -> dict[str, str]:
+    """{checkpoint sha256: version} of the versions a person rolled back (the pipeline must not bring them back)."""
+    alias = read_champion(root)
+    out = {}
+    for version in (alias or {}).get("rolled_back", []):
+        sha = read_metadata(root, version).get("checkpoint_sha256")
+        if sha:
+            out[sha] = version
+    return out
 
 
 def champion_model(root: str | Path) -> Path | None:
@@ -163,6 +179,7 @@ def register(root: str | Path, files: dict[str, Path], metadata: dict) -> tuple[
             raise RegistryError(f"cannot register: {src} (for {name}) is not a file")
     onnx_sha = sha256_file(files["model.onnx"])
     with _locked(root):
+        remove_stale_staging(root)
         existing = find_by_sha256(root, onnx_sha)
         if existing:
             return existing, False
@@ -177,22 +194,33 @@ def register(root: str | Path, files: dict[str, Path], metadata: dict) -> tuple[
                     "files": {name: sha256_file(staging / name) for name in files}}
             write_json(staging / "metadata.json", meta)
             os.chmod(staging, 0o755)
+            for f in staging.iterdir():
+                fsync_file(f)
+            crash_point("registry:staged")
             os.rename(staging, root / "versions" / version)  # atomic: the version appears complete
+            fsync_dir(root / "versions")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version, True
 
 
+def remove_stale_staging(root: Path) -> None:
+    """Staging folders are made only under the writer lock: any found while holding it was left by a killed writer."""
+    for stale in root.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 ANY = object()  # `promote(expected=ANY)`: whatever the current champion is
 
 
 def promote(root: str | Path, version: str | None = None, reason: str = "",
-            expected: str | None | object = ANY) -> tuple[dict, bool]:
+            expected: str | None | object = ANY, by_hand: bool = False) -> tuple[dict, bool]:
     """Make `version` (default: the newest) the champion; the previous one goes onto the history.
 
     `expected`: the champion the caller judged against (None: no champion); if the alias names
     another version now, nothing changes and RegistryError says so (a conditional update).
+    A rolled-back version is refused unless `by_hand` (a person's decision, which also clears the mark).
     Returns (the new alias, whether it changed). Promoting the current champion changes nothing."""
     root = Path(root)
     with _locked(root):
@@ -208,10 +236,16 @@ def promote(root: str | Path, version: str | None = None, reason: str = "",
             raise RegistryError(f"the champion changed since the gate judged {version}: it compared against "
                                 f"{expected or 'no champion'}, the champion is now {now or 'none'}; judge again "
                                 "against the new champion (dvc repro -f -s gate), then promote")
+        rolled_back = current["rolled_back"] if current else []
+        if version in rolled_back and not by_hand:
+            raise RegistryError(f"{version} was rolled back; only a person brings it back (finetune promote {version})")
+        rolled_back = [v for v in rolled_back if v != version]
         if current and current["version"] == version:
+            if rolled_back != current["rolled_back"]:
+                return _write_alias(root, version, current["history"], reason, rolled_back), False
             return current, False
         history = (current["history"] + [current["version"]]) if current else []
-        return _write_alias(root, version, history, reason or f"promoted {version}"), True
+        return _write_alias(root, version, history, reason or f"promoted {version}", rolled_back), True
 
 
 def rollback(root: str | Path, reason: str = "") -> dict:
@@ -227,13 +261,14 @@ def rollback(root: str | Path, reason: str = "") -> dict:
                                 "no previous champion to roll back to")
         previous = current["history"][-1]
         version_dir(root, previous)
+        rolled_back = sorted(set(current["rolled_back"]) | {current["version"]})
         return _write_alias(root, previous, current["history"][:-1],
-                            reason or f"rolled back from {current['version']} to {previous}")
+                            reason or f"rolled back from {current['version']} to {previous}", rolled_back)
 
 
-def _write_alias(root: Path, version: str, history: list[str], reason: str) -> dict:
+def _write_alias(root: Path, version: str, history: list[str], reason: str, rolled_back: list[str]) -> dict:
     alias = {"version": version, "path": f"versions/{version}/model.onnx", "history": history,
-             "updated_at": _now(), "reason": reason}
+             "rolled_back": rolled_back, "updated_at": _now(), "reason": reason}
     write_json(root / CHAMPION, alias)  # temp file + os.replace: readers see the old or the new alias
     return alias
 

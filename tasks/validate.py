@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -26,7 +25,15 @@ from typing import Any, Callable
 import pandas as pd
 
 from tasks.entry import stage_main
-from tasks.files import UMASK, atomic_path, atomic_write, write_json
+from tasks.files import (
+    UMASK,
+    atomic_path,
+    atomic_write,
+    new_temp,
+    read_json,
+    write_json,
+)
+from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.manifest import SPLITS, read_manifest
 from tasks.params import Params, ValidateParams
 
@@ -45,11 +52,11 @@ CHECKS: dict[str, str] = {
     "min_per_class_split": "each class has at least validate.min_images_per_class images in each split",
     "split_fractions": "split fractions are within validate.split_tolerance of the configured ones",
     "no_leakage": "no image content (sha256) is shared across splits",
+    "label_conflicts": "identical images (sha256) carry the same label",
     "duplicates_within_split": "no image content (sha256) repeats within a split",
     "size_bounds": "width/height within [min_side, max_side] and width*height <= max_pixels",
     "modes": "image mode is one of validate.allowed_modes",
 }
-ALWAYS_WARN = frozenset({"duplicates_within_split"})  # harmless for evaluation; reported, never blocking
 
 
 @dataclass
@@ -167,7 +174,9 @@ def _images_table(df: pd.DataFrame) -> pd.DataFrame:
     ok = df["decodes_ok"]
     known_size = (df["width"] > 0) & (df["height"] > 0)
     sha = df["sha256"].where(ok & (df["sha256"] != ""))
-    n_splits = sha.map(sha.to_frame().assign(split=df["split"]).dropna().groupby("sha256")["split"].nunique())
+    by_content = sha.to_frame().assign(split=df["split"], label=df["label"]).dropna().groupby("sha256")
+    n_splits = sha.map(by_content["split"].nunique())
+    n_labels = sha.map(by_content["label"].nunique())
     return pd.DataFrame(
         {
             "row": df.index.astype("int64"),
@@ -181,16 +190,18 @@ def _images_table(df: pd.DataFrame) -> pd.DataFrame:
             "pixels": (df["width"] * df["height"]).where(known_size),
             "sha256": sha,
             "splits_with_same_content": n_splits,
+            "labels_with_same_content": n_labels,
         }
     )
 
 
-def _counts_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Images per (label, split), including the zero cells a plain groupby would leave out."""
+def _counts_table(df: pd.DataFrame, classes: list[str] | None = None) -> pd.DataFrame:
+    """Images per (label, split), including the zero cells a plain groupby would leave out (and the declared
+    classes that have no image at all)."""
     counts = df.groupby(["label", "split"]).size()
     rows = [
         {"group": f"label={label} split={split}", "label": label, "split": split, "n": int(counts.get((label, split), 0))}
-        for label in sorted(df["label"].unique())
+        for label in sorted(set(df["label"]) | set(classes or []))
         for split in SPLITS
     ]
     return pd.DataFrame(rows, columns=["group", "label", "split", "n"])
@@ -221,10 +232,11 @@ class _Spec:
 
 
 def _specs(df: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
-           expected_fractions: dict[str, float] | None) -> list[_Spec]:
+           expected_fractions: dict[str, float] | None, max_pixels: int) -> list[_Spec]:
     gxe = _gx().expectations
 
     rows = df.to_dict("index")
+    rows_by_path = {r["path"]: r["label"] for r in rows.values()}
     by_sha: dict[str, list[tuple[str, str]]] = {}
     for r in rows.values():
         if r["decodes_ok"] and r["sha256"]:
@@ -237,6 +249,11 @@ def _specs(df: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
         r = rows[u["row"]]
         others = [f"{p} [{s}]" for p, s in by_sha[r["sha256"]] if p != r["path"]]
         return f"in {r['split']}; same content (sha256 {r['sha256'][:12]}) as " + ", ".join(others)
+
+    def conflict_detail(u: dict) -> str:
+        r = rows[u["row"]]
+        others = [f"{p} [{rows_by_path[p]}]" for p, _ in by_sha[r["sha256"]] if rows_by_path[p] != r["label"]]
+        return f"labelled '{r['label']}'; same content (sha256 {r['sha256'][:12]}) as " + ", ".join(others)
 
     def dup_detail(u: dict) -> str:
         r = rows[u["row"]]
@@ -251,8 +268,8 @@ def _specs(df: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
             why.append(f"side < min_side {params.min_side}")
         if max(w, h) > params.max_side:
             why.append(f"side > max_side {params.max_side}")
-        if w * h > params.max_pixels:
-            why.append(f"{w * h} pixels > max_pixels {params.max_pixels}")
+        if w * h > max_pixels:
+            why.append(f"{w * h} pixels > data.max_pixels {max_pixels}")
         return f"{w}x{h}: " + ", ".join(why)
 
     def split_detail(split: str) -> str:
@@ -267,6 +284,8 @@ def _specs(df: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
               detail=lambda u: f"split '{u['split']}'"),
         _Spec("no_leakage", "images", gxe.ExpectColumnValuesToBeBetween(column="splits_with_same_content", max_value=1),
               detail=leak_detail),
+        _Spec("label_conflicts", "images",
+              gxe.ExpectColumnValuesToBeBetween(column="labels_with_same_content", max_value=1), detail=conflict_detail),
         _Spec("duplicates_within_split", "images",
               gxe.ExpectCompoundColumnsToBeUnique(column_list=["sha256", "split"], ignore_row_if="any_value_is_missing"),
               detail=dup_detail),
@@ -274,7 +293,7 @@ def _specs(df: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
             _Spec("size_bounds", "images", gxe.ExpectColumnValuesToBeBetween(column=col, min_value=lo, max_value=hi),
                   detail=size_detail)
             for col, lo, hi in (("width", params.min_side, params.max_side), ("height", params.min_side, params.max_side),
-                                ("pixels", None, params.max_pixels))
+                                ("pixels", None, max_pixels))
         ),
         _Spec("modes", "images", gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(params.allowed_modes)),
               detail=lambda u: f"mode '{u['mode']}' not in {list(params.allowed_modes)}"),
@@ -441,7 +460,7 @@ def _build_checks(specs: list[_Spec], gx_results: dict[int, dict], df: pd.DataFr
     checks = []
     for name, description in CHECKS.items():
         mine = [s for s in specs if s.check == name]
-        blocking = name not in ALWAYS_WARN and name not in params.warn_only
+        blocking = name not in params.warn_only
         if not mine:
             why = "no classes declared" if name in ("labels_in_set", "no_empty_class") else "no expected split fractions given"
             checks.append(CheckResult(name, description, blocking, success=True, skipped=why))
@@ -469,13 +488,15 @@ def _build_checks(specs: list[_Spec], gx_results: dict[int, dict], df: pd.DataFr
 
 
 def validate_manifest(manifest: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
-                      expected_fractions: dict[str, float] | None) -> ValidationOutcome:
+                      expected_fractions: dict[str, float] | None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> ValidationOutcome:
     """Run every check over `manifest`; never raises for bad data (see `ValidationOutcome`)."""
-    return validate_into(manifest, params, classes, expected_fractions, docs_dir=None)
+    return validate_into(manifest, params, classes, expected_fractions, docs_dir=None, max_pixels=max_pixels)
 
 
 def validate_into(manifest: pd.DataFrame, params: ValidateParams, classes: list[str] | None,
-              expected_fractions: dict[str, float] | None, docs_dir: Path | None) -> ValidationOutcome:
+                  expected_fractions: dict[str, float] | None, docs_dir: Path | None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> ValidationOutcome:
     start = time.perf_counter()
     unknown = sorted(set(params.warn_only) - set(CHECKS))
     if unknown:
@@ -492,10 +513,10 @@ def validate_into(manifest: pd.DataFrame, params: ValidateParams, classes: list[
 
     df_all = _normalise(manifest)
     df, quarantined = _quarantine(df_all, params.on_corrupt)
-    tables = {"images": _images_table(df), "class_split_counts": _counts_table(df)}
+    tables = {"images": _images_table(df), "class_split_counts": _counts_table(df, classes)}
     if expected_fractions is not None:
         tables["split_fractions"] = _fractions_table(df, expected_fractions, params.split_tolerance)
-    specs = _specs(df, params, classes, expected_fractions)
+    specs = _specs(df, params, classes, expected_fractions, max_pixels)
 
     t = time.perf_counter()
     context = _gx_context(docs_dir)
@@ -596,24 +617,25 @@ def _missing_files(manifest: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
 
 
 def write_docs(build: Callable[[Path], ValidationOutcome], docs_dir: Path) -> ValidationOutcome:
-    """Build Data Docs into a temp folder beside `docs_dir`, then swap it in whole."""
+    """Build Data Docs into a temp folder, then swap it in whole (temps live in the scratch folder: tasks/files.py)."""
     docs_dir = Path(docs_dir)
     docs_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{docs_dir.name}.", suffix=".tmp", dir=docs_dir.parent))
+    tmp = new_temp(docs_dir, directory=True)
     tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private; the docs are meant to be browsed
+    old = None
     try:
         outcome = build(tmp)
         if not (tmp / "index.html").exists():  # GX did not run or could not render: the summary as HTML
             atomic_write(tmp / "index.html", _fallback_html(outcome))
-        old = docs_dir.with_name(f".{docs_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
         if docs_dir.exists():
-            os.replace(docs_dir, old)
+            old = new_temp(docs_dir, directory=True)
+            os.replace(docs_dir, old)  # onto the empty temp folder: one rename
         os.replace(tmp, docs_dir)
-        shutil.rmtree(old, ignore_errors=True)
         return outcome
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _fallback_html(outcome: ValidationOutcome) -> str:
@@ -636,7 +658,7 @@ def write_reports(outcome: ValidationOutcome, out_manifest: Path | None, results
 
 def run(manifest_path: Path, images_dir: Path, params: ValidateParams, out_manifest: Path, results_json: Path,
         summary_md: Path, docs_dir: Path, classes: list[str] | None = None,
-        expected_fractions: dict[str, float] | None = None) -> ValidationOutcome:
+        expected_fractions: dict[str, float] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ValidationOutcome:
     """The validate stage: manifest -> validated manifest, results JSON, summary and Data Docs."""
     start = time.perf_counter()
     manifest_path, images_dir = Path(manifest_path), Path(images_dir)
@@ -647,7 +669,8 @@ def run(manifest_path: Path, images_dir: Path, params: ValidateParams, out_manif
         outcome = input_failure(f"cannot read manifest {manifest_path}: {reason}", start)
     else:
         checked = _missing_files(manifest, images_dir)
-        outcome = write_docs(lambda d: validate_into(checked, params, classes, expected_fractions, d), docs_dir)
+        outcome = write_docs(lambda d: validate_into(checked, params, classes, expected_fractions, d, max_pixels),
+                             docs_dir)
         outcome.manifest = manifest.loc[outcome.manifest.index]  # the rows as ingest wrote them
     outcome.time_s = time.perf_counter() - start
     write_reports(outcome, out_manifest, results_json, summary_md)
@@ -660,15 +683,18 @@ class ValidationFailed(RuntimeError):
 
 def main(argv: list[str] | None = None) -> None:
     stage_main(__name__, __doc__, argv, _from_params, manifest=("data/manifest.csv", "manifest from ingest"),
-               images="data/images", out_manifest=("data/validated.csv", "validated manifest (output)"),
+               images="data/images", classes=("data/classes.json", "the classes the source declares (ingest)"),
+               out_manifest=("data/validated.csv", "validated manifest (output)"),
                out_dir=("reports/validation", "reports and Data Docs (output)"))
 
 
 def _from_params(p: Params, args: Namespace) -> None:
     split, out = p.data.split, args.out_dir
+    classes = read_json(args.classes)["classes"] if args.classes.exists() else None
     outcome = run(args.manifest, args.images, p.validate_, args.out_manifest, out / "validation.json",
-                  out / "validation.md", out / "docs",
-                  expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test})
+                  out / "validation.md", out / "docs", classes=classes,
+                  expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test},
+                  max_pixels=p.data.max_pixels)
     if not outcome.success:
         raise ValidationFailed("data validation failed: " + " | ".join(outcome.failures)
                                + f" (details: {out}/validation.md)")

@@ -62,7 +62,7 @@ def prefect_server():
         yield
 
 
-def brightness_onnx(path, classes, size=32, threshold=128.0):
+def brightness_onnx(path, classes, size=32, threshold=128.0, extra: dict | None = None):
     """A tiny 'model' with this pipeline's ONNX contract: uint8 NCHW in, logits and probabilities out;
     it calls an image 'bright' when its mean pixel is above `threshold`."""
     import json
@@ -87,7 +87,8 @@ def brightness_onnx(path, classes, size=32, threshold=128.0):
                                helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["b", 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
-    for key, value in {"classes": json.dumps(classes), "preprocessing": json.dumps({"size": size})}.items():
+    metadata = {"classes": json.dumps(classes), "preprocessing": json.dumps({"size": size}), **(extra or {})}
+    for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(path))

@@ -45,11 +45,11 @@ def setup(tmp_path_factory):
     config = {"train": TrainParams().model_dump(mode="json"), "seed": 0}  # what the train stage stores
     best = {"score": 0.9, "stage": "unfrozen", "epoch": 3, "global_epoch": 5, "metric": "macro_f1"}
     save_checkpoint(ckpt, model, Checkpoint(["bright", "dark"], pre, meta, config, best))
-    write_json(root / "verdict.json", {"passed": True, "reason": "all gates passed", "gates": [
+    write_json(root / "verdict.json", {"passed": True, "reason": "all gates passed",
+                                       "candidate": {"checkpoint_sha256": sha256_file(ckpt)}, "gates": [
         {"metric": "accuracy", "value": 1.0, "bound": 0.85, "passed": True, "reason": "accuracy 1.0000 >= 0.8500"}]})
     write_json(root / "metrics.json", {"accuracy": 1.0, "macro_recall": 1.0, "macro_f1": 1.0, "n": 6,
                                        "ci": {"accuracy": [0.61, 1.0]}})
-    (root / "params.yaml").write_text("seed: 0\n")
     return root, data, ckpt
 
 
@@ -57,7 +57,7 @@ def do_export(root, data, ckpt, out_name="model.onnx", **kw):
     args = dict(opset=18, max_abs_diff=1e-3, min_top1_agreement=0.999)
     args.update(kw)
     return export_run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
-                      root / "params.yaml", root / out_name, root / "export.json", **args)
+                      root / out_name, root / "export.json", **args)
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +131,22 @@ def test_failed_parity_keeps_the_previous_model(setup, exported):
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_a_verdict_about_another_checkpoint_exports_nothing(setup, tmp_path):
+    root, data, ckpt = setup
+    write_json(tmp_path / "verdict.json", {"passed": True, "reason": "all gates passed",
+                                           "candidate": {"checkpoint_sha256": "0" * 64}})
+    with pytest.raises(ExportError, match="stale verdict"):
+        export_run(ckpt, data / "manifest.csv", data / "images", tmp_path / "verdict.json", root / "metrics.json",
+                   tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_failed_gate_exports_nothing(setup, tmp_path):
     root, data, ckpt = setup
     write_json(tmp_path / "verdict.json", {"passed": False, "reason": "gate failed: accuracy 0.5 < 0.9"})
     with pytest.raises(ExportError, match="gate did not pass"):
         export_run(ckpt, data / "manifest.csv", data / "images", tmp_path / "verdict.json", root / "metrics.json",
-                   root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999)
+                   tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999)
     assert not (tmp_path / "model.onnx").exists()
 
 # ---- INT8 and the model card ----------------------------------------------------------------
@@ -194,7 +204,7 @@ def test_int8_outside_the_bound_is_dropped_and_a_stale_one_removed(setup, export
     stale.write_bytes(b"an INT8 model of an older export")
     # a bound no model can meet (accuracy cannot drop by less than -1) forces the drop
     report = export_run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
-                        root / "params.yaml", tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999,
+                        tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999,
                         int8=True, int8_max_accuracy_drop=-1.5, int8_calibration_images=3)
     assert report["passed"] and report["int8"]["status"] == "dropped"
     assert json.loads((tmp_path / "export.json").read_text())["int8"]["status"] == "dropped"  # recorded on disk

@@ -162,18 +162,18 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
 @pytest.fixture
 def exported(tmp_path):
     """What the export stage leaves: an ONNX model with metadata, a card, and the gate's verdict."""
-    from tasks.files import write_json
+    from tasks.files import sha256_file, write_json
     from tests.conftest import brightness_onnx
 
     out = tmp_path / "ws"
     (out / "int8").mkdir(parents=True)
-    brightness_onnx(out / "model.onnx", ["bright", "dark"])
     (out / "model_card.md").write_text("# card")
     (out / "predictions.csv").write_text("path,actual,predicted\n")
+    candidate = {"checkpoint_sha256": "c" * 64, "predictions_sha256": sha256_file(out / "predictions.csv")}
+    brightness_onnx(out / "model.onnx", ["bright", "dark"], extra={"candidate": json.dumps(candidate)})
     write_json(out / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.88, "n": 10, "ci": {"accuracy": [0.8, 1.0]}})
     write_json(out / "verdict.json", {"passed": True, "reason": "all gates passed",
-                                      "champion": {"status": "none", "version": None},
-                                      "candidate": {"checkpoint_sha256": "c" * 64}})
+                                      "champion": {"status": "none", "version": None}, "candidate": candidate})
     return out
 
 
@@ -208,12 +208,63 @@ def test_promote_stage_refuses_a_failed_verdict_and_a_changed_champion(exported,
     with pytest.raises(PromotionRefused, match="gate did not pass .*accuracy 0.5 < 0.9.*nothing is promoted"):
         promote_stage(exported, root)
     assert registry.list_versions(root) == []
-    # judged with no champion, but meanwhile someone promoted one: registered, not promoted
+    # judged with no champion, but meanwhile someone promoted one: refused before anything is registered
     registry.promote(root, add(root, tmp_path, "other"))
     write_json(exported / "verdict.json", verdict)
-    with pytest.raises(RegistryError, match="champion changed since the gate judged v0002"):
+    with pytest.raises(PromotionRefused, match="champion changed since the gate judged.*now v0001.*nothing is promoted"):
         promote_stage(exported, root)
+    assert registry.read_champion(root)["version"] == "v0001" and registry.list_versions(root) == ["v0001"]
+
+
+def test_promote_stage_refuses_a_verdict_about_another_candidate(exported, tmp_path):
+    """Export and promote can rerun while the gate does not: the verdict must be about this exact model."""
+    from tasks.files import write_json
+    from tasks.promote import PromotionRefused
+
+    root = tmp_path / "reg"
+    verdict = json.loads((exported / "verdict.json").read_text())
+    write_json(exported / "verdict.json", {**verdict, "candidate": {**verdict["candidate"], "checkpoint_sha256": "d" * 64}})
+    with pytest.raises(PromotionRefused, match="judged checkpoint dddddddddddd.*exported model is of cccccccccccc"):
+        promote_stage(exported, root)
+    write_json(exported / "verdict.json", verdict)
+    (exported / "predictions.csv").write_text("path,actual,predicted\nx.png,bright,bright\n")
+    with pytest.raises(PromotionRefused, match="predictions.csv changed since the gate judged it"):
+        promote_stage(exported, root)
+    assert registry.list_versions(root) == []
+
+
+def test_a_rolled_back_model_stays_rolled_back_until_a_person_promotes_it(exported, tmp_path):
+    from tasks.promote import PromotionRefused
+
+    root = tmp_path / "reg"
+    registry.promote(root, add(root, tmp_path, "first"))  # v0001, champion
+    verdict = json.loads((exported / "verdict.json").read_text())
+    (exported / "verdict.json").write_text(json.dumps({**verdict, "champion": {"status": "compared", "version": "v0001"}}))
+    assert promote_stage(exported, root)["champion"] == "v0002"
+    alias = registry.rollback(root)
+    assert alias["version"] == "v0001" and alias["rolled_back"] == ["v0002"]
+    # the next pipeline run (say, after an export.* change) must not bring it back
+    with pytest.raises(PromotionRefused, match="was rolled back \\(v0002\\).*finetune promote"):
+        promote_stage(exported, root)
+    with pytest.raises(RegistryError, match="v0002 was rolled back"):
+        registry.promote(root, "v0002")
     assert registry.read_champion(root)["version"] == "v0001"
+    alias, changed = registry.promote(root, "v0002", by_hand=True)  # a person's decision
+    assert changed and alias["version"] == "v0002" and alias["rolled_back"] == []
+
+
+def test_a_reexport_of_the_champions_checkpoint_is_promoted(exported, tmp_path):
+    """After our own promotion, an export.* change re-exports the same checkpoint (new ONNX bytes): that is the
+    champion's model again, not a stale verdict."""
+    from tests.conftest import brightness_onnx
+
+    root = tmp_path / "reg"
+    assert promote_stage(exported, root)["champion"] == "v0001"
+    meta = registry.read_metadata(root, "v0001")
+    brightness_onnx(exported / "model.onnx", ["bright", "dark"], size=32, threshold=127.0,
+                    extra={"candidate": json.dumps(meta["candidate"])})
+    report = promote_stage(exported, root)
+    assert report["version"] == "v0002" and report["champion"] == "v0002" and report["previous_champion"] == "v0001"
 
 
 def test_registering_a_model_by_hand_reads_its_lineage_from_the_onnx_metadata(exported, tmp_path):

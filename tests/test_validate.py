@@ -130,12 +130,14 @@ def test_exif_rotated_jpeg_is_reported_upright(data, tmp_path):
 def test_image_over_pixel_limit_fails_size_bounds(data, tmp_path):
     save(data / "b" / "huge.png", noise(size=(100, 100)))
 
-    outcome = validate_path(data, ValidateParams(max_pixels=2_000), tmp_path / "out")
+    outcome = validate_path(data, ValidateParams(), tmp_path / "out", max_pixels=2_000)
 
     assert not outcome.success
-    assert failing(outcome) == {"size_bounds"}
+    assert failing(outcome) == {"size_bounds", "decodes"}  # one limit: no stage may decode it either
     [item] = check(outcome, "size_bounds").offending
     assert item["item"] == "b/huge.png" and "max_pixels" in item["detail"] and "100x100" in item["detail"]
+    [item] = check(outcome, "decodes").offending
+    assert item["item"] == "b/huge.png" and "pixel limit 2000" in item["detail"]
 
 
 def test_too_small_side_fails_size_bounds(data, tmp_path):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tasks.backbones import timm_models, torchvision_models
-from tasks.backbones.weights import WeightsError
+from tasks.backbones.weights import WeightsError, redact, scrub
 
 __all__ = ["SOURCES", "WeightsError", "backbone_blocks", "build", "create", "head_parameters", "parameter_groups",
            "sequential_parts", "with_new_head"]
@@ -45,8 +45,11 @@ def create(source: str, arch: str, weights: str, sha256: str | None = None, *,
     """
     if source not in SOURCES:
         raise WeightsError(f"model.source '{source}' is not supported (use one of {', '.join(SOURCES)})")
-    model, found = SOURCES[source].create(arch, weights, sha256, offline)
-    meta = {"source": source, "arch": arch, "weights": weights, **found,
+    try:
+        model, found = SOURCES[source].create(arch, weights, sha256, offline)
+    except WeightsError as exc:  # messages may quote the reference: never with its credentials
+        raise WeightsError(scrub(str(exc), weights)) from None
+    meta = {"source": source, "arch": arch, "weights": redact(weights), **found,
             "num_params": sum(p.numel() for p in model.parameters()), "num_classes": model.num_classes}
     return model, meta
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -79,6 +81,44 @@ def check_hash_prefix(path: Path, sha256: str | None = None) -> str | None:
     return prefix
 
 
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(ref: str) -> str:
+    """`${NAME}` in a weights URL -> the environment's value, so secrets stay out of params.yaml and dvc.lock."""
+    def value(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise WeightsError(f"model.weights refers to ${{{m.group(1)}}}, which is not set in the environment")
+        return os.environ[m.group(1)]
+
+    return ENV_REF.sub(value, ref)
+
+
+def redact(url: str) -> str:
+    """A URL fit to write anywhere: user, password and query string (presigned signatures, tokens) removed."""
+    parts = urlsplit(url)
+    if not parts.scheme or (not parts.netloc and not parts.query):
+        return url
+    host = parts.hostname or ""
+    netloc = ("***@" if parts.username or parts.password else "") + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "<redacted>" if parts.query else "", ""))
+
+
+def has_credentials(url: str) -> bool:
+    parts = urlsplit(url)
+    return bool(parts.scheme and (parts.username or parts.password or parts.query))
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error message, a log line) with `url` and its secret parts replaced by the redacted URL."""
+    parts = urlsplit(url)
+    text = text.replace(url, redact(url))
+    for secret in (parts.password, parts.query, parts.username):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def fetch_file(ref: str, sha256: str | None, offline: bool | None = None) -> tuple[Path, str]:
     """A weights file named by a path or URL, verified against its (required) sha256.
 
@@ -86,42 +126,52 @@ def fetch_file(ref: str, sha256: str | None, offline: bool | None = None) -> tup
     s3:// with s3fs installed, memory://, ...) is downloaded once into the torch hub cache,
     under a name that starts with the sha256, so it is found again offline and never
     confused with another file of the same name; nothing unverified is left in the cache.
+    `${NAME}` in `ref` is read from the environment; credentials never reach a log, an error
+    message or a file name (they are redacted).
     """
     import fsspec.core
 
+    shown = redact(ref)
     if not sha256:
-        raise WeightsError(f"model.sha256 is required for weights from a file or URL ({ref}); "
+        raise WeightsError(f"model.sha256 is required for weights from a file or URL ({shown}); "
                            "compute it with `sha256sum <file>`")
-    protocol, location = fsspec.core.split_protocol(ref)
+    url = expand_env(ref)
+    if has_credentials(ref):
+        log.warning("model.weights carries credentials in its URL: they are redacted in every output, but "
+                    "params.yaml and dvc.lock hold them; write them as ${ENV_VAR} instead")
+    protocol, location = fsspec.core.split_protocol(url)
     if protocol in (None, "file", "local"):
         path = Path(os.path.expanduser(location))
         return path, verify_sha256(path, sha256)
-    cached = hub_dir() / "checkpoints" / f"{sha256.lower()[:16]}-{Path(location).name or 'weights.pt'}"
+    name = Path(urlsplit(url).path).name or "weights.pt"
+    cached = hub_dir() / "checkpoints" / f"{sha256.lower()[:16]}-{name}"
     if cached.is_file():
         return cached, verify_sha256(cached, sha256)
     if is_offline(offline):
-        raise WeightsError(f"{ref} is not in the cache ({cached}) and downloads are off (offline). Copy the file "
+        raise WeightsError(f"{shown} is not in the cache ({cached}) and downloads are off (offline). Copy the file "
                            f"to {cached}, or set model.weights to a local copy (same model.sha256)")
-    _download(ref, cached, sha256)
+    _download(url, cached, sha256)
     return cached, sha256.lower()
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:
     import fsspec
 
-    log.info("downloading %s -> %s", url, dest)
+    shown = redact(url)
+    log.info("downloading %s -> %s", shown, dest)
     try:
         with atomic_path(dest) as tmp:
             with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             actual = sha256_file(tmp)
             if actual != sha256.lower():
-                raise WeightsError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}; nothing was cached")
+                raise WeightsError(f"sha256 mismatch for {shown}: expected {sha256}, got {actual}; nothing was cached")
     except WeightsError:
         raise
     except Exception as exc:  # fsspec backends raise their own types (ImportError for a missing s3fs, ...)
-        raise WeightsError(f"could not download {url} ({type(exc).__name__}: {first_line(exc)}); copy the file "
-                           f"here and set model.weights=<its path>") from None
+        reason = scrub(f"{type(exc).__name__}: {first_line(exc)}", url)
+        raise WeightsError(f"could not download {shown} ({reason}); copy the file here and set "
+                           "model.weights=<its path>") from None
 
 
 def first_line(exc: BaseException) -> str:

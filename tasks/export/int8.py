@@ -17,7 +17,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from tasks.export.onnx_graph import add_metadata, parity
-from tasks.files import sha256_file
+from tasks.files import new_temp, sha256_file
 from tasks.inference import session
 from tasks.metrics import classification_metrics
 from tasks.tensors import split_arrays
@@ -150,7 +150,7 @@ def int8_decision(fp32_accuracy: float, int8_accuracy: float, max_drop: float) -
 def int8_candidate(fp32_path: Path, int8_dir: Path, metadata: dict, manifest: pd.DataFrame, images_dir: Path,
                     classes: list[str], size: int, workers: int, test_images: torch.Tensor, test_labels: torch.Tensor,
                     fp32_logits: np.ndarray, fp32_accuracy: float, max_drop: float,
-                    max_images: int) -> tuple[Path | None, dict]:
+                    max_images: int, max_pixels: int) -> tuple[Path | None, dict]:
     """Quantize the verified fp32 file into a temp file in `int8_dir`, score it on the test split and
     decide. Returns (temp path when kept, else None; the report entry)."""
     t0 = time.time()
@@ -159,11 +159,9 @@ def int8_candidate(fp32_path: Path, int8_dir: Path, metadata: dict, manifest: pd
         log.warning("export: no validation images; INT8 calibration uses the training split")
     calib_rows = manifest[manifest["split"] == split]
     calib_rows = calib_rows.iloc[evenly_spaced(len(calib_rows), max_images)]
-    calibration, _ = split_arrays(calib_rows, images_dir, split, classes, size, workers)
+    calibration, _ = split_arrays(calib_rows, images_dir, split, classes, size, workers, max_pixels)
     int8_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{INT8_FILE}.", suffix=".tmp", dir=int8_dir)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = new_temp(int8_dir / INT8_FILE)
     try:
         try:
             recipe = quantize_int8(fp32_path, tmp, calibration)

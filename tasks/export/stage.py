@@ -34,6 +34,7 @@ from tasks.export.onnx_graph import (
     torch_logits,
 )
 from tasks.files import atomic_path, atomic_write, read_json, sha256_file, write_json
+from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.inference import OnnxClassifier
 from tasks.manifest import read_manifest
 from tasks.metrics import classification_metrics
@@ -44,10 +45,10 @@ log = logging.getLogger("tasks.export")
 
 
 def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_path: Path, metrics_path: Path,
-        params_path: Path, onnx_path: Path, report_path: Path, opset: int, max_abs_diff: float,
+        onnx_path: Path, report_path: Path, opset: int, max_abs_diff: float,
         min_top1_agreement: float, workers: int = 4, *, int8: bool = False, int8_max_accuracy_drop: float = 0.01,
         int8_calibration_images: int = 256, int8_dir: Path | None = None, model_card_path: Path | None = None,
-        data_description: str | None = None) -> dict:
+        data_description: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Gate check, fp32 export + parity, optional INT8, model card, report.
 
     `int8_dir` (default: `<onnx dir>/int8`) ends up holding `model.int8.onnx` of this model when
@@ -61,6 +62,11 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
     verdict = read_json(verdict_path)
     if not verdict.get("passed"):
         raise ExportError(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is exported")
+    checkpoint_sha256 = sha256_file(checkpoint_path)
+    judged = (verdict.get("candidate") or {}).get("checkpoint_sha256")
+    if judged != checkpoint_sha256:
+        raise ExportError(f"{verdict_path} judged checkpoint {str(judged)[:12]}..., but {checkpoint_path} is "
+                          f"{checkpoint_sha256[:12]}...: a stale verdict; run the gate again (dvc repro)")
     model, ckpt = load_checkpoint(checkpoint_path)
     classes, pre = ckpt.classes, ckpt.preprocessing
     module = Deployable(model, pre).eval()
@@ -72,13 +78,16 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
         "arch": ckpt.base["arch"],
         "weights_origin": json.dumps({k: ckpt.base.get(k) for k in ("source", "weights", "sha256")}),
         "data_version": sha256_file(manifest_path),
-        "params_sha256": hashlib.sha256(Path(params_path).read_bytes()).hexdigest() if Path(params_path).exists() else "",
+        # the params that produced the weights (training config and seed, as the checkpoint records them)
+        "params_sha256": hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode()).hexdigest(),
+        "candidate": json.dumps({"checkpoint_sha256": checkpoint_sha256,
+                                 "predictions_sha256": verdict["candidate"].get("predictions_sha256")}),
         "git_commit": git_commit(),
         "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "macro_recall", "macro_f1", "n")}),
         "gate_verdict": json.dumps({"passed": verdict["passed"], "reason": verdict["reason"]}),
     }
     manifest = read_manifest(manifest_path)
-    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers)
+    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers, max_pixels)
     reference = torch_logits(module, images, len(classes))
     int8_tmp: Path | None = None
     int8_report: dict = {"enabled": int8, "status": "disabled"}
@@ -102,7 +111,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
             if int8:
                 int8_tmp, int8_report = int8_candidate(
                     tmp, int8_dir, metadata, manifest, images_dir, classes, pre.size, workers, images, labels,
-                    ort_logits, onnx_metrics["accuracy"], int8_max_accuracy_drop, int8_calibration_images)
+                    ort_logits, onnx_metrics["accuracy"], int8_max_accuracy_drop, int8_calibration_images, max_pixels)
         # the fp32 model is in place; now the INT8 directory holds this model's INT8 file or nothing
         int8_path = int8_dir / INT8_FILE
         int8_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 def _from_params(p: Params, args: Namespace) -> None:
     e, d = p.export, p.data
     source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if d.source == "elpv" else "")
-    run(args.checkpoint, args.manifest, args.images, args.verdict, args.metrics, args.params, args.onnx_path,
+    run(args.checkpoint, args.manifest, args.images, args.verdict, args.metrics, args.onnx_path,
         args.report, e.opset, e.max_abs_diff, e.min_top1_agreement, workers=d.workers, int8=e.int8,
         int8_max_accuracy_drop=e.int8_max_accuracy_drop, int8_calibration_images=e.int8_calibration_images,
-        int8_dir=args.int8_dir, model_card_path=args.model_card, data_description=source)
+        int8_dir=args.int8_dir, model_card_path=args.model_card, data_description=source, max_pixels=d.max_pixels)

@@ -21,6 +21,7 @@ from tasks.checkpoint import Checkpoint, save_checkpoint
 from tasks.device import pick_device
 from tasks.entry import Option, stage_main
 from tasks.files import atomic_path, read_json, write_json
+from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.manifest import classes_of, read_manifest
 from tasks.params import Params, TrainParams
 from tasks.preprocess import Preprocessing
@@ -39,7 +40,7 @@ log = logging.getLogger("tasks.train")
 
 def run(manifest_path: Path, images_dir: Path, base_dir: Path, params: TrainParams, seed: int,
         checkpoint_path: Path, metrics_path: Path, history_path: Path, workers: int = 4,
-        state_path: Path | None = None, resume: bool = True) -> dict:
+        state_path: Path | None = None, resume: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Read data and pretrained weights, fine-tune, write the best checkpoint.
 
     With `state_path`, progress is saved there after every epoch; a rerun with `resume` continues
@@ -48,14 +49,14 @@ def run(manifest_path: Path, images_dir: Path, base_dir: Path, params: TrainPara
     dist = init_distributed()
     try:
         return _run(manifest_path, images_dir, base_dir, params, seed, checkpoint_path, metrics_path, history_path,
-                    workers, Saving(state_path, resume=resume), dist)
+                    workers, Saving(state_path, resume=resume), dist, max_pixels)
     finally:
         if dist.world > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 
 def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpoint_path, metrics_path, history_path,
-         workers, saving: Saving, dist: Dist) -> dict:
+         workers, saving: Saving, dist: Dist, max_pixels: int) -> dict:
     if params.threads:
         torch.set_num_threads(params.threads)
     device = pick_device(dist.local_rank)
@@ -79,8 +80,8 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
     if saving.path is not None:
         saving.fingerprint = saved_state.fingerprint(manifest_path, base_dir / "weights.pt", params, seed, dist.world)
     t0 = time.time()
-    train_x, train_y = split_arrays(manifest, images_dir, "train", classes, size, workers)
-    val_x, val_y = split_arrays(manifest, images_dir, "val", classes, size, workers)
+    train_x, train_y = split_arrays(manifest, images_dir, "train", classes, size, workers, max_pixels)
+    val_x, val_y = split_arrays(manifest, images_dir, "val", classes, size, workers, max_pixels)
     if dist.main:
         log.info("train: %d train / %d val images at %d px on %s (%d threads%s), classes %s", len(train_x),
                  len(val_x), size, device, torch.get_num_threads(),
@@ -124,4 +125,4 @@ def main(argv: list[str] | None = None) -> None:
 
 def _from_params(p: Params, args: Namespace) -> None:
     run(args.manifest, args.images, args.base, p.train, p.seed, args.checkpoint, args.metrics, args.history,
-        workers=p.data.workers, state_path=args.state, resume=args.resume)
+        workers=p.data.workers, state_path=args.state, resume=args.resume, max_pixels=p.data.max_pixels)
