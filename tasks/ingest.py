@@ -88,8 +88,9 @@ def inside(path: Path, root: Path, what: str) -> Path:
     """`path` resolved (links followed), refused when it lands outside `root`: one policy for every source."""
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
-        raise SourceError(f"{what} '{path}' leads outside the data folder {root} (to {resolved}); copy the file into "
-                          "the data folder instead of linking to it")
+        how = (f" (it links to {resolved}); copy the file into the data folder instead of linking to it"
+               if path.is_symlink() else "")
+        raise SourceError(f"{what} '{path}' is outside the data folder {root}{how}")
     return resolved
 
 

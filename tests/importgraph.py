@@ -1,6 +1,7 @@
 """The project's import graph, read from the source (AST; imports inside functions count too).
 
-`python -m tests.importgraph` prints each DVC stage's code closure: the exact list its `deps` must hold.
+`python -m tests.importgraph` prints each DVC stage's code closure: the exact list its `deps` must hold;
+`python -m tests.importgraph --write` rewrites those lists in dvc.yaml (after the `# code:` comment of each stage).
 """
 
 from __future__ import annotations
@@ -112,9 +113,32 @@ def stage_modules() -> dict[str, str]:
     return out
 
 
+EXTRA_CODE = {"export": ["tasks/export/model_card.md.j2"]}  # code a stage reads besides its modules
+
+
+def rewrite_dvc_yaml() -> None:
+    import re
+
+    lines, out, stage, i = (REPO / "dvc.yaml").read_text().splitlines(), [], None, 0
+    modules = stage_modules()
+    while i < len(lines):
+        line = lines[i]
+        if (m := re.match(r"^  (\w+):$", line)) and m.group(1) in modules:
+            stage = m.group(1)
+        out.append(line)
+        i += 1
+        if stage and line.strip().startswith("# code: exactly"):
+            while i < len(lines) and re.match(r"^      - (tasks|flows|deploy|finetune)/", lines[i]):
+                i += 1
+            out += [f"      - {f}" for f in sorted(files(closure(modules[stage]))) + EXTRA_CODE.get(stage, [])]
+    (REPO / "dvc.yaml").write_text("\n".join(out) + "\n")
+
+
 if __name__ == "__main__":
+    if "--write" in sys.argv:
+        rewrite_dvc_yaml()
     for stage, module in stage_modules().items():
         print(f"{stage}:")
-        for f in sorted(files(closure(module))):
+        for f in sorted(files(closure(module))) + EXTRA_CODE.get(stage, []):
             print(f"  - {f}")
     sys.exit(0)

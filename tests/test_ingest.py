@@ -37,7 +37,7 @@ def test_split_respects_existing_column_and_group_columns(tmp_path):
 def test_manifest_paths_may_not_escape_the_root(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "list.csv").write_text("path,label\n../secret.png,a\n")
-    with pytest.raises(ingest.SourceError, match="escapes the data root"):
+    with pytest.raises(ingest.SourceError, match="is outside the data folder"):
         ingest.manifest_table(tmp_path / "m" / "list.csv")
 
 

@@ -201,7 +201,7 @@ def test_empty_class_folder_fails_no_empty_class(data, tmp_path):
     outcome = validate_path(data, ValidateParams(), tmp_path / "out")
 
     assert not outcome.success
-    assert failing(outcome) == {"no_empty_class"}
+    assert failing(outcome) == {"no_empty_class", "min_per_class_split"}
     assert offenders(outcome, "no_empty_class") == {"label=empty"}
     assert "label=empty" in outcome.failures[0]
 
@@ -332,7 +332,8 @@ def test_an_elpv_sized_manifest_names_exactly_the_leaked_pair():
 
     outcome = validate_manifest(manifest, ValidateParams(), ["c0", "c1"], {"train": 0.65, "val": 0.10, "test": 0.25})
 
-    assert failing(outcome) == {"no_leakage"} and offenders(outcome, "no_leakage") == {"c1/7.png", "c0/8.png"}
+    assert failing(outcome) == {"no_leakage", "label_conflicts"}  # the copy also carries the other class's label
+    assert offenders(outcome, "no_leakage") == offenders(outcome, "label_conflicts") == {"c1/7.png", "c0/8.png"}
 
 
 def test_an_expectation_gx_cannot_evaluate_fails_its_check_without_raising(data, monkeypatch):
