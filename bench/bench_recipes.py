@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO))
 from tasks import evaluate  # noqa: E402
 from tasks.entry import setup_logging  # noqa: E402
 from tasks.files import write_json  # noqa: E402
-from tasks.params import TrainParams, load_params  # noqa: E402
-from tasks.train import stage as train  # noqa: E402
+from tasks.params import TrainParams, augmentations, load_params  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 MANIFEST, IMAGES, BASE = REPO / "data/validated.csv", REPO / "data/images", REPO / "models/base"
@@ -62,7 +61,8 @@ def main() -> int:
     ensure_inputs(args.params)
     out_root = REPO / "bench/results/recipes"
     rows = []
-    for name, p in recipes(params.train).items():
+    train = params.train.model_copy(update={"augment": augmentations(params.data, params.train)})
+    for name, p in recipes(train).items():
         if name not in args.recipes:
             continue
         out = out_root / name

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks import backbones as models  # noqa: E402
 from tasks.device import pick_device  # noqa: E402
-from tasks.params import StageParams, TrainParams  # noqa: E402
+from tasks.params import DIHEDRAL_AUGMENT, StageParams, TrainParams  # noqa: E402
 from tasks.train.loop import Data, Split, fit  # noqa: E402
 from tasks.train.runtime import Dist, init_distributed  # noqa: E402
 
@@ -51,6 +51,7 @@ def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dis
     model, _ = models.create("bundled", "efficientnet_lite0", "imagenet")
     model = models.with_new_head(model, 2, seed=0)
     params = TrainParams(image_size=args.size, cpu_image_size=args.size, batch_size=args.batch_size, amp=amp,
+                         augment=DIHEDRAL_AUGMENT,
                          compile=compile_, imbalance="none", stages=[
                              StageParams(name="s", epochs=args.epochs, trainable=trainable, lr=1e-3, bn="eval")])
     if device.type == "cuda":

@@ -31,7 +31,7 @@ from tasks.entry import stage_main
 from tasks.files import UMASK, atomic_path, fsync_dir, new_temp, write_json
 from tasks.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, probe_image
 from tasks.manifest import SPLITS, ManifestError, read_table, require_labels
-from tasks.params import Params
+from tasks.params import Params, stratify_columns
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _from_params(p: Params, args: Namespace) -> None:
     d = p.data
-    run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, d.split.stratify_by, p.seed,
+    run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, stratify_columns(d), p.seed,
         d.workers, args.images, args.manifest, max_pixels=d.max_pixels, classes_path=args.classes,
         manifest_name=d.manifest)
 

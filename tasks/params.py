@@ -56,8 +56,9 @@ def doc(default: Any, description: str, **kwargs: Any) -> Any:
 class SplitParams(Strict):
     test: Fraction = doc(0.25, "fraction of each stratum held out for the test split (never used in training)")
     val: Fraction = doc(0.10, "fraction used for validation (checkpoint selection)")
-    stratify_by: list[str] = doc(["probability", "type"], "extra columns to stratify by, besides the label (ELPV: "
-                                 "defect probability, cell type)")
+    stratify_by: list[str] | Literal["auto"] = doc(
+        "auto", "extra columns to stratify by, besides the label; auto = what the source calls for (elpv: defect "
+        "probability and cell type, the Deitsch et al. protocol; folder and manifest: the label alone)")
 
     @model_validator(mode="after")
     def _room_for_train(self) -> "SplitParams":
@@ -79,6 +80,10 @@ class DataParams(Strict):
         "binary", "elpv only: binary (functional/defective) | four_class (defect probability 0, 1/3, 2/3, 1)")
     defect_threshold: Fraction = doc(0.5, "elpv binary: a cell is 'defective' when its defect probability is above this")
     split: SplitParams = Field(default_factory=SplitParams, description="how images are split into train/val/test")
+    orientation_invariant: bool | Literal["auto"] = doc(
+        "auto", "true: an image means the same rotated by 90 degrees or mirrored (EL cells, micrographs, satellite "
+        "tiles), so training augments with those 8 variants and caches frozen layers exactly; false: natural images "
+        "with an up and a left; auto = true for elpv, false for folder and manifest sources")
     workers: Annotated[int, Field(ge=1, le=64)] = doc(4, "threads for decoding/probing images")
     max_pixels: Annotated[int, Field(ge=1)] = doc(
         50_000_000, "decompression-bomb guard: an image above this many pixels is refused, by every stage that reads "
@@ -167,10 +172,11 @@ class TrainParams(Strict):
         224, "on CPU, images are downscaled to at most this size to keep a run within ~15 min; null = image_size")
     batch_size: Annotated[int, Field(ge=1, le=4096)] = doc(16, "images per step (small batches are faster per image "
                                                            "on CPU)")
-    augment: list[Literal["hflip", "vflip", "rot90", "crop", "jitter"]] = doc(
-        ["hflip", "vflip", "rot90"], "hflip, vflip, rot90 (dihedral: exact for EL cells, keeps the feature cache on), "
-        "crop (random square crop, resized back), jitter (brightness/contrast): these two turn the feature cache off "
-        "(frozen layers then run every step)")
+    augment: list[Literal["hflip", "vflip", "rot90", "crop", "jitter"]] | Literal["auto"] = doc(
+        "auto", "hflip, vflip, rot90 (dihedral: exact for EL cells, keeps the feature cache on), crop (random square "
+        "crop, resized back), jitter (brightness/contrast): these two turn the feature cache off (frozen layers then "
+        "run every step); auto = [hflip, vflip, rot90] when data.orientation_invariant, else [hflip, crop, jitter] "
+        "(what fastai's aug_transforms and timm's train transforms do for natural images: flip, zoom, lighting)")
     crop_scale: Annotated[float, Field(gt=0.0, le=1.0)] = doc(0.85, "crop: smallest crop area as a fraction of the image")
     jitter: Annotated[float, Field(ge=0.0, le=1.0)] = doc(
         0.1, "jitter: brightness and contrast factors drawn from [1 - jitter, 1 + jitter]")
@@ -298,6 +304,32 @@ class Params(Strict):
     export: ExportParams = Field(default_factory=ExportParams, description="ONNX export and its verification")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---- defaults that depend on the data -------------------------------------------------------
+
+ELPV_STRATIFY = ["probability", "type"]
+DIHEDRAL_AUGMENT = ["hflip", "vflip", "rot90"]
+NATURAL_AUGMENT = ["hflip", "crop", "jitter"]
+
+
+def stratify_columns(data: DataParams) -> list[str]:
+    """`data.split.stratify_by` with `auto` resolved for the source."""
+    if data.split.stratify_by != "auto":
+        return list(data.split.stratify_by)
+    return list(ELPV_STRATIFY) if data.source == "elpv" else []
+
+
+def orientation_invariant(data: DataParams) -> bool:
+    return data.source == "elpv" if data.orientation_invariant == "auto" else bool(data.orientation_invariant)
+
+
+def augmentations(data: DataParams, train: TrainParams) -> list[str]:
+    """`train.augment` with `auto` resolved: the eight dihedral variants for orientation-invariant data, flips,
+    crops and lighting for natural images."""
+    if train.augment != "auto":
+        return list(train.augment)
+    return list(DIHEDRAL_AUGMENT if orientation_invariant(data) else NATURAL_AUGMENT)
 
 
 # ---- reading, overriding, writing -----------------------------------------------------------

@@ -428,7 +428,7 @@ def test_wrapped_torchvision_model_trains_with_cached_features_and_exports_to_on
     """The consumers of the contract: staged training (feature cache exact) and ONNX export."""
     from tasks.export.onnx_graph import Deployable, export_onnx
     from tasks.inference import session
-    from tasks.params import StageParams, TrainParams
+    from tasks.params import DIHEDRAL_AUGMENT, StageParams, TrainParams
     from tasks.preprocess import Preprocessing
     from tests.conftest import fit
 
@@ -441,7 +441,8 @@ def test_wrapped_torchvision_model_trains_with_cached_features_and_exports_to_on
     results = []
     for cache in (True, False):
         m = models.with_new_head(copy.deepcopy(base), 2, seed=0)
-        p = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, stages=[stage], cache_features=cache)
+        p = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, stages=[stage], cache_features=cache,
+                        augment=DIHEDRAL_AUGMENT)
         fit(m, ["a", "b"], x, y, x, y, p, [0.5] * 3, [0.5] * 3)
         results.append(m)
     trained, uncached = results

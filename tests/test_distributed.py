@@ -11,12 +11,12 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from tasks import backbones as models
-from tasks.params import StageParams, TrainParams
+from tasks.params import DIHEDRAL_AUGMENT, StageParams, TrainParams
 from tasks.train.runtime import Dist
 from tests.conftest import fit
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-PARAMS = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, imbalance="none", stages=[
+PARAMS = TrainParams(batch_size=8, image_size=64, cpu_image_size=64, imbalance="none", augment=DIHEDRAL_AUGMENT, stages=[
     StageParams(name="frozen", epochs=2, trainable="head", lr=3e-2),
     StageParams(name="unfrozen", epochs=2, trainable=2, lr=1e-3, backbone_lr_mult=0.1, bn="eval"),
 ])

@@ -123,3 +123,16 @@ def test_override_inside_a_list(tmp_path):
         load_params(f, ["train.stages.9.lr=0.1"])
     with pytest.raises(ParamsError, match=r"train.stages.0.lr.*'fast'"):
         load_params(f, ["train.stages.0.lr=fast"])
+
+
+def test_auto_defaults_fit_the_data_source():
+    """ELPV's facts (stratification columns, orientation invariance) come with the ELPV source only."""
+    from tasks.params import DataParams, TrainParams, augmentations, stratify_columns
+
+    elpv, folder = DataParams(), DataParams(source="folder", path="/data/pets")
+    assert stratify_columns(elpv) == ["probability", "type"] and stratify_columns(folder) == []
+    assert augmentations(elpv, TrainParams()) == ["hflip", "vflip", "rot90"]
+    assert augmentations(folder, TrainParams()) == ["hflip", "crop", "jitter"]  # natural images have an up
+    micrographs = DataParams(source="folder", path="/data/cells", orientation_invariant=True)
+    assert augmentations(micrographs, TrainParams()) == ["hflip", "vflip", "rot90"]  # keeps the exact feature cache
+    assert augmentations(folder, TrainParams(augment=["hflip"])) == ["hflip"]  # an explicit list wins

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tasks import backbones as models
-from tasks.params import StageParams, TrainParams
+from tasks.params import DIHEDRAL_AUGMENT, StageParams, TrainParams
 from tasks.train import state as saved_state
 from tasks.train.augment import (
     apply_variant,
@@ -50,7 +50,8 @@ def toy(n=24, size=64, seed=0):
 
 
 def params(*stages, **kw):
-    return TrainParams(batch_size=8, image_size=64, cpu_image_size=64, stages=list(stages), **kw)
+    return TrainParams(batch_size=8, image_size=64, cpu_image_size=64, stages=list(stages),
+                       **{"augment": DIHEDRAL_AUGMENT, **kw})
 
 
 def test_variants_cover_the_dihedral_group():
@@ -142,7 +143,7 @@ def test_learns_a_separable_problem(base):
 def test_progressive_resizing_selects_only_full_size_epochs(base):
     x, y = toy(n=16, size=96)
     m = fresh(base)
-    p = TrainParams(batch_size=8, image_size=96, cpu_image_size=96, stages=[
+    p = TrainParams(batch_size=8, image_size=96, cpu_image_size=96, augment=DIHEDRAL_AUGMENT, stages=[
         StageParams(name="small", epochs=2, trainable="head", lr=3e-2, image_scale=0.67),
         StageParams(name="full", epochs=1, trainable="head", lr=1e-3),
     ])

@@ -94,6 +94,8 @@ class Run:
     aug_gen: torch.Generator = field(init=False)  # crop/jitter: per rank
 
     def __post_init__(self) -> None:
+        if self.params.augment == "auto":
+            raise TrainingError("train.augment is 'auto': resolve it for the data first (tasks.params.augmentations)")
         self.precision = pick_precision(self.params.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.scale_grads)
         n, labels = len(self.data.classes), self.data.train.labels

@@ -23,7 +23,7 @@ from tasks.entry import Option, stage_main
 from tasks.files import atomic_path, read_json, write_json
 from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.manifest import classes_of, read_manifest
-from tasks.params import Params, TrainParams
+from tasks.params import Params, TrainParams, augmentations
 from tasks.preprocess import Preprocessing
 from tasks.tensors import split_arrays
 from tasks.train import state as saved_state
@@ -124,5 +124,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _from_params(p: Params, args: Namespace) -> None:
-    run(args.manifest, args.images, args.base, p.train, p.seed, args.checkpoint, args.metrics, args.history,
+    train = p.train.model_copy(update={"augment": augmentations(p.data, p.train)})  # `auto` resolved for the data
+    run(args.manifest, args.images, args.base, train, p.seed, args.checkpoint, args.metrics, args.history,
         workers=p.data.workers, state_path=args.state, resume=args.resume, max_pixels=p.data.max_pixels)
