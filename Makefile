@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean prefect-up deploy prefect-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ test-fast: setup  ## everything but the slow end-to-end tests
 bench: setup  ## benchmarks (print a table, write JSON to bench/results/)
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_train.py
+
+prefect-up: setup  ## a local Prefect server (dashboard: http://127.0.0.1:4200) and a process worker, in the background
+	$(VENV)/bin/finetune prefect up
+
+deploy: prefect-up  ## register prefect.yaml's deployments (run form + nightly retraining) and notifications
+	$(VENV)/bin/finetune prefect deploy
+
+prefect-down:  ## stop the worker, then the server
+	$(VENV)/bin/finetune prefect down
 
 clean:  ## remove pipeline outputs (not the venv)
 	rm -rf data models reports dvc.lock

@@ -16,8 +16,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from finetune.local_prefect import QUIET, use_project_server
 from tasks import entry
-from tasks.params import Params, load_params, render_defaults
+from tasks.params import Params, ParamsError, load_params, render_defaults
 from tasks.registry import resolve_root
 
 app = typer.Typer(
@@ -70,29 +71,83 @@ def _params(path: Path, overrides: list[str] | None = None) -> Params:
     return load_params(path, overrides or [])
 
 
+WorkdirOpt = Annotated[Path, typer.Option(help="Project folder (a git + DVC repository).")]
+
+
+def _prepare_flow_run(workdir: Path, params: Path, set_: list[str] | None) -> None:
+    """Validate the params and overrides (nothing is touched yet) and pick the Prefect API: PREFECT_API_URL,
+    else this project's local server when it runs (`finetune prefect up`), else a temporary one."""
+    if (workdir / params).resolve() != (workdir / "params.yaml").resolve():
+        raise ParamsError(f"--params {params}: the stages read {workdir / 'params.yaml'} (dvc.yaml), so a run uses "
+                          "that file; copy yours over it or give the changes with --set")
+    _params(workdir / params, set_)
+    # Without a configured Prefect API, Prefect starts a temporary local server; on a busy
+    # 2-core machine that can take longer than its 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
+    use_project_server(workdir)
+
+
 @app.command()
 @friendly
-def run(
-    params: ParamsOpt = Path("params.yaml"),
-    set_: SetOpt = None,
-    workdir: Annotated[Path, typer.Option(help="Project folder (a git + DVC repository).")] = Path("."),
-) -> None:
+def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, workdir: WorkdirOpt = Path(".")) -> None:
     """Run the whole pipeline as a Prefect flow (each stage through DVC, so `dvc status` stays clean).
 
     Overrides given with --set are validated, then written into the params file (comments kept),
     as `dvc exp run --set-param` does: the params DVC records are the ones that produced the outputs.
+    The run holds the project folder (a second run waits or is refused, naming this one); if it fails,
+    its overrides are taken out of params.yaml again. Runs show in the dashboard of `finetune prefect up`.
     """
-    _params(workdir / params, set_)  # validate before starting Prefect
-    # Without a configured Prefect API, Prefect starts a temporary local server; on a busy
-    # 2-core machine that can take longer than its 20 s default.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    _prepare_flow_run(workdir, params, set_)
     from flows.pipeline import finetune_pipeline
 
-    result = finetune_pipeline(params_file=str(params), overrides=list(set_ or []), workdir=str(workdir))
+    result = finetune_pipeline(overrides=list(set_ or []), workdir=str(workdir))
     typer.echo(result["summary"])
+
+
+@app.command()
+@friendly
+def retrain(
+    force: Annotated[bool, typer.Option("--force", help="Retrain even if the data is what the champion was "
+                                        "trained on.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("."),
+) -> None:
+    """Retrain if the data changed since the champion was trained (or with --force); promote only a winner.
+
+    "Changed": the DVC hash of data.path against the one recorded in the champion's lineage. The gates
+    and promotion decide; one line says what happened (no change / promoted vN over vM / not promoted
+    because ...: exit 1)."""
+    _prepare_flow_run(workdir, params, set_)
+    from flows.retrain import finetune_retrain
+
+    typer.echo(finetune_retrain(force=force, overrides=list(set_ or []), workdir=str(workdir))["outcome"])
+
+
+DaskWorkersOpt = Annotated[Optional[int], typer.Option(
+    help="Run the per-image work on a local Dask cluster of N worker processes (0: threads in this process); "
+    "default: orchestration.dask_workers.")]
+DaskAddressOpt = Annotated[Optional[str], typer.Option(
+    help="Use a running Dask scheduler (tcp://host:8786) instead; default: orchestration.dask_address.")]
+
+
+def _dask(p: Params, workers: int | None, address: str | None) -> tuple[int, str | None]:
+    o = p.orchestration
+    return (o.dask_workers if workers is None else workers), (address or o.dask_address)
+
+
+def _dask_probe(workers: int, address: str | None):
+    """ingest's probe (sources, threads, max_pixels) -> rows, computed by the probe-images flow on Dask."""
+    def probe(sources: list[str], _threads: int, max_pixels: int):
+        import pandas as pd
+
+        from flows.scale import probe_all
+
+        return pd.DataFrame(probe_all(sources, max_pixels, workers, address))
+
+    return probe
 
 
 @app.command()
@@ -101,12 +156,24 @@ def validate(
     path: Annotated[Path, typer.Argument(help="An image folder (root/<class>/...) or a CSV/Parquet manifest (path,label[,split]).")],
     params: ParamsOpt = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("reports/validate-path"),
+    dask_workers: DaskWorkersOpt = None,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
-    """Validate any image folder or manifest with the Great Expectations suite; exit 1 on a blocking failure."""
+    """Validate any image folder or manifest with the Great Expectations suite; exit 1 on a blocking failure.
+
+    With Dask (--dask-workers/--dask-address), the images are probed by the `probe-images` flow, chunk by
+    chunk, with the same result."""
+    from contextlib import nullcontext
+
+    from finetune.local_prefect import prefect_api
     from finetune.validate_any import validate_path
 
     p = _params(params) if params.exists() else Params()
-    outcome = validate_path(path, p.validate_, out, max_pixels=p.data.max_pixels)
+    workers, address = _dask(p, dask_workers, dask_address)
+    dask = workers > 0 or bool(address)
+    with prefect_api(Path(".")) if dask else nullcontext():
+        outcome = validate_path(path, p.validate_, out, max_pixels=p.data.max_pixels,
+                                probe=_dask_probe(workers, address) if dask else None)
     for line in outcome.warnings:
         typer.echo(f"warning: {line}", err=True)
     for line in outcome.failures:
@@ -262,6 +329,107 @@ def list_models(
                f"Hugging Face cache (timm): {hf_cache_dir()}\n"
                "Also: any timm architecture or torchvision model with model.weights=<path or URL> and model.sha256 "
                "(source timm/checkpoint or torchvision). Offline: FINETUNE_OFFLINE=1.")
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(
+    images: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
+    model: Annotated[Optional[Path], typer.Option(help="An exported ONNX model; default: the registry's champion.")] = None,
+    out: Annotated[Path, typer.Option(help="The predictions CSV (path, label, p_<class>..., error).")] = Path(
+        "predictions.csv"),
+    params: ParamsOpt = Path("params.yaml"),
+    registry_: RegistryOpt = None,
+    dask_workers: DaskWorkersOpt = None,
+    dask_address: DaskAddressOpt = None,
+) -> None:
+    """Batch prediction: every image under a folder through an exported model (default: the champion).
+
+    In chunks, by the `batch-predict` flow (on Dask with --dask-workers/--dask-address). An unreadable image
+    gets a row with the error."""
+    from contextlib import nullcontext
+
+    from finetune.local_prefect import prefect_api
+    from flows.scale import predict
+    from tasks import registry
+    from tasks.images import DEFAULT_MAX_PIXELS
+
+    p = _params(params) if params.exists() else Params()
+    if model is None:
+        model = registry.champion_model(_registry_root(params, p, registry_))
+        if model is None:
+            raise registry.RegistryError("the registry has no champion: give --model MODEL.onnx")
+    workers, address = _dask(p, dask_workers, dask_address)
+    with prefect_api(Path(".")) if workers > 0 or address else nullcontext():
+        summary = predict(str(model), str(images), str(out), workers, address, DEFAULT_MAX_PIXELS)
+    typer.echo(f"{summary['images']} images predicted with {model} ({summary['failed']} unreadable): {out}")
+
+
+# ---- Prefect: a local server and worker, the deployments of prefect.yaml --------------------
+
+prefect_app = typer.Typer(help="A local Prefect server (the dashboard) and process worker for this project, in the "
+                          "background, and the deployments of prefect.yaml (docs/orchestration.md).",
+                          no_args_is_help=True)
+app.add_typer(prefect_app, name="prefect")
+PortOpt = Annotated[Optional[int], typer.Option(help="Server port; default: the one last used here, else 4200.")]
+
+
+@prefect_app.command("up")
+@friendly
+def prefect_up(
+    port: PortOpt = None,
+    pool: Annotated[str, typer.Option(help="The process work pool the worker serves (prefect.yaml names it).")] = "finetune",
+    query_seconds: Annotated[float, typer.Option(help="How often the worker polls for runs.")] = 10.0,
+    workdir: WorkdirOpt = Path("."),
+) -> None:
+    """Start the server (loopback) and a process worker in the background.
+
+    What already runs is left alone. Logs, PIDs and the server's database are in .prefect-local/."""
+    from finetune import local_prefect as lp
+
+    local = lp.Local.of(workdir, port)
+    server, worker = lp.start_server(local), lp.start_worker(local, pool, query_seconds)
+    typer.echo(f"Prefect server (pid {server}) and worker (pid {worker}, pool '{pool}') are up; logs in {local.state}\n"
+               f"dashboard: {local.ui_url}\nfor prefect commands: export PREFECT_API_URL={local.api_url}")
+
+
+@prefect_app.command("deploy")
+@friendly
+def prefect_deploy(port: PortOpt = None, workdir: WorkdirOpt = Path(".")) -> None:
+    """Register the deployments of prefect.yaml on the local server, and the notifications.
+
+    The manual run (the dashboard form) and the scheduled retraining; notifications from
+    orchestration.webhook (off when null)."""
+    from finetune import local_prefect as lp
+
+    local = lp.Local.of(workdir, port)
+    if not lp.healthy(local):
+        raise lp.LocalPrefectError(f"no Prefect server answers at {local.api_url}: run `finetune prefect up` first")
+    typer.echo(lp.deploy(local).strip())
+    with lp.prefect_api(workdir):
+        from flows import notify
+
+        typer.echo(notify.configure(_params(workdir / "params.yaml").orchestration.webhook))
+
+
+@prefect_app.command("down")
+@friendly
+def prefect_down(workdir: WorkdirOpt = Path(".")) -> None:
+    """Stop the worker, then the server (SIGTERM, then SIGKILL after a grace period)."""
+    from finetune import local_prefect as lp
+
+    for line in lp.stop(lp.Local.of(workdir)):
+        typer.echo(line)
+
+
+@prefect_app.command("status")
+@friendly
+def prefect_status(workdir: WorkdirOpt = Path(".")) -> None:
+    """Whether the local server and worker run, and where."""
+    from finetune import local_prefect as lp
+
+    for key, value in lp.status(lp.Local.of(workdir)).items():
+        typer.echo(f"{key}: {value}")
 
 
 if __name__ == "__main__":  # pragma: no cover

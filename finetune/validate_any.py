@@ -9,17 +9,24 @@ from pathlib import Path
 
 from tasks import validate as validate_mod
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.ingest import SourceError, build_manifest, folder_table, manifest_table
+from tasks.ingest import (
+    SourceError,
+    build_manifest,
+    folder_table,
+    manifest_table,
+    probe_all,
+)
 from tasks.params import ValidateParams
 
 
-def validate_path(path: Path, params: ValidateParams, out_dir: Path,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> validate_mod.ValidationOutcome:
+def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  probe=None) -> validate_mod.ValidationOutcome:
     """`finetune validate PATH`: validate an image folder or a CSV/Parquet manifest without the pipeline.
 
     The manifest is built in memory (splits 0.25/0.10, an existing `split` column respected);
     for a folder, its class sub-folders are the declared classes, so an empty one is reported.
-    Reports go to `out_dir`: manifest.csv, validation.json, validation.md and docs/.
+    Reports go to `out_dir`: manifest.csv, validation.json, validation.md and docs/. `probe` replaces
+    ingest's threaded probing (e.g. by the Dask-backed one of `flows.scale`; same rows).
     """
     start = time.perf_counter()
     path, out_dir = Path(path), Path(out_dir)
@@ -39,7 +46,7 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path,
         validate_mod.write_reports(outcome, None, out_dir / "validation.json", out_dir / "validation.md")
         return outcome
     manifest = build_manifest(table, test=0.25, val=0.10, stratify_by=[], seed=42,
-                              workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels)
+                              workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels, probe=probe or probe_all)
     outcome = validate_mod.write_docs(
         lambda d: validate_mod.validate_into(manifest, params, classes, None, d, max_pixels), out_dir / "docs")
     outcome.time_s = time.perf_counter() - start

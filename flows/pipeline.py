@@ -1,106 +1,130 @@
 """The pipeline as a Prefect flow: one task per DVC stage, run in order through `dvc repro`.
 
-Design (see README "Architecture"): DVC is the single owner of what is stale. Each Prefect
-task runs `dvc repro --single-item <stage>`, which runs the stage's `python -m tasks.<stage>`
-command only when its code, data or params changed, and records the result in `dvc.lock`.
-So a flow run and a plain `dvc repro` do the same work with the same stage functions, and
-`dvc status` is clean after either. Prefect adds what DVC lacks: a dashboard with a parameter
-form, retries, logs per stage, and artifacts (metrics table, gate verdict).
+Design (README "Architecture", docs/orchestration.md): DVC is the single owner of what is stale.
+Each Prefect task runs `dvc repro --single-item <stage>`, which runs the stage's
+`python -m tasks.<stage>` command only when its code, data or params changed, and records the
+result in `dvc.lock`. So a flow run and a plain `dvc repro` do the same work with the same stage
+functions, and `dvc status` is clean after either. Prefect adds what DVC lacks: the dashboard run
+form (`flows.form.RunParams`), deployments and schedules (prefect.yaml), retries of the stages that
+do I/O, a stage timeout, logs per stage, artifacts, lineage and notifications.
 
-Overrides are written into the params file before the stages run (like `dvc exp run -S`), so
-the params DVC records are the ones that produced the outputs.
+One path for every entry point (`finetune run --set`, the dashboard form, an API call, the
+schedule): the run takes the project lock (`flows.project.hold`) before touching anything, writes
+the validated overrides into params.yaml (like `dvc exp run -S`, so the params DVC records are the
+ones that produced the outputs), then runs the stages. A failed run takes its overrides out of
+params.yaml again and says so in its failure message.
+
+Retries: ingest (reads the data), fetch_model (fetches weights) and promote (writes the registry,
+idempotently) retry `orchestration.io_retries` times with a doubling delay. train, evaluate, gate and
+export never retry: the same inputs give the same failure, and a failed gate is a verdict, not an
+accident. Every stage is stopped after `orchestration.stage_timeout_s` (its whole process group).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections import deque
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, Field
+from prefect.cache_policies import NO_CACHE
+
+from flows import artifacts, project
+from flows.form import RunParams, to_overrides
+from tasks import lineage
+from tasks.files import read_json
+from tasks.params import OrchestrationParams, Params, load_params
+from tasks.registry import read_metadata, resolve_root
 
 STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote")
-OUTPUTS = {
-    "model": "models/model.onnx",
-    "model_int8": "models/int8",
-    "model_card": "models/model_card.md",
-    "metrics": "reports/eval/metrics.json",
-    "verdict": "reports/gate/verdict.json",
-    "report": "reports/gate/verdict.md",
-    "promotion": "reports/promote.json",
-}
+IO_STAGES = frozenset({"ingest", "fetch_model", "promote"})  # failures a retry can cure (files, network, locks)
+OUTPUTS = {k: v for k, v in artifacts.OUTPUTS.items() if k in
+           ("model", "model_int8", "model_card", "metrics", "verdict", "report", "promotion")}
+PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read
+STOP_GRACE_S = 10.0
 
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message carries the stage's own error line."""
 
 
-class PipelineParams(BaseModel):
-    """What the Prefect dashboard's run form asks for."""
-
-    params_file: str = Field("params.yaml", description="Params file inside the project folder.")
-    overrides: list[str] = Field(default_factory=list, description="Dotted key=value overrides, e.g. train.batch_size=16.")
-    workdir: str = Field(".", description="Project folder: a git + DVC repository with dvc.yaml.")
+class StageTimedOut(StageFailed, TimeoutError):
+    """A stage ran past `orchestration.stage_timeout_s` and was stopped (the run ends TimedOut)."""
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
-    bin_dir = str(Path(sys.executable).parent)  # the venv's `finetune` and `dvc`, whatever PATH says
+    bin_dir = str(Path(sys.executable).parent)  # the venv's `python` and `dvc`, whatever PATH says
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
 
 
-def _dvc() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the stage's whole process group (dvc and the stage's python): TERM, then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=None)
-def run_stage(stage: str, workdir: str) -> str:
-    """`dvc repro --single-item <stage>`, its output streamed into the Prefect log."""
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(stage: str, workdir: str, timeout_s: float | None = None) -> str:
+    """`dvc repro --single-item <stage>`, its output streamed into this task run's log."""
     logger = get_run_logger()
-    proc = subprocess.Popen([*_dvc(), "repro", "--single-item", stage], cwd=workdir, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            logger.info("%s", line)
-            tail = (tail + [line])[-20:]
-    if proc.wait() != 0:
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=workdir, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)  # its own process group: a timeout stops all of it
+    tail: deque[str] = deque(maxlen=20)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line := line.rstrip():
+                logger.info("%s", line)
+                tail.append(line)
+
+    reader = threading.Thread(target=pump, name=f"log-{stage}", daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StageTimedOut(f"stage '{stage}' ran longer than orchestration.stage_timeout_s = {timeout_s:g} s "
+                            "and was stopped") from None
+    finally:
+        if proc.poll() is None:  # a timeout, or this run was interrupted or cancelled
+            _stop(proc)
+        reader.join(timeout=STOP_GRACE_S)
+    if code != 0:
         errors = [t for t in tail if t.startswith("error:")]
         reason = errors[-1].removeprefix("error: ") if errors else (tail[-1] if tail else "no output")
         raise StageFailed(f"stage '{stage}' failed: {reason}")
-    skipped = any("didn't change, skipping" in t for t in tail)
-    return "skipped (up to date)" if skipped else "ran"
+    return "skipped (up to date)" if any("didn't change, skipping" in t for t in tail) else "ran"
 
 
-@task(name="apply-overrides", cache_policy=None)
-def apply_overrides(params_file: str, overrides: list[str]) -> None:
-    from tasks.params import write_overrides
-
-    write_overrides(params_file, overrides)
-    get_run_logger().info("params overridden in %s: %s", params_file, ", ".join(overrides))
+def _not_timed_out(task, task_run, state) -> bool:
+    """No retry after a stage timeout: `stage_timeout_s` is the stage's budget, not each attempt's."""
+    return not isinstance(state.result(raise_on_failure=False), TimeoutError)
 
 
-@task(name="publish-results", cache_policy=None)
-def publish(workdir: str) -> tuple[dict, dict]:
-    root = Path(workdir)
-    metrics = json.loads((root / OUTPUTS["metrics"]).read_text())
-    verdict_md = (root / OUTPUTS["report"]).read_text()
-    create_table_artifact(
-        key="test-metrics",
-        table=[{"metric": k, "value": round(metrics[k], 4)} for k in ("accuracy", "macro_recall", "macro_f1")],
-        description=f"Test split ({metrics['n']} images)",
-    )
-    create_markdown_artifact(key="gate-verdict", markdown=verdict_md, description="Gate verdict")
-    promotion = json.loads((root / OUTPUTS["promotion"]).read_text())
-    create_markdown_artifact(key="promotion", markdown=promotion_line(promotion), description="Model registry")
-    return metrics, promotion
+def stage_task(stage: str, orchestration: OrchestrationParams):
+    """`run_stage` with this stage's retry policy: retries only where a retry can help."""
+    retries = orchestration.io_retries if stage in IO_STAGES else 0
+    delays = [orchestration.retry_delay_s * 2**i for i in range(retries)] or 0
+    return run_stage.with_options(retries=retries, retry_delay_seconds=delays, retry_condition_fn=_not_timed_out)
 
 
 def promotion_line(promotion: dict) -> str:
@@ -111,50 +135,118 @@ def promotion_line(promotion: dict) -> str:
             + (f" (was {was})" if was and promotion["promoted"] else "") + f", registry {promotion['registry']}")
 
 
-@task(name="publish-training", cache_policy=None)
-def publish_training(workdir: str) -> None:
-    """Per-epoch training metrics (what `dvc plots show` draws) as a table on the flow run's page."""
-    import csv
-
-    path = Path(workdir) / "reports/train/history.csv"
-    if not path.exists():
-        return
-    keep = ("stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
-    with path.open() as f:
-        rows = [{k: (r[k] if k == "stage" else round(float(r[k]), 6)) for k in keep if k in r} for r in csv.DictReader(f)]
-    create_table_artifact(key="training-history", table=rows, description="Training: one row per epoch")
-
-
-def _publish_failed_gate(workdir: str) -> None:
-    path = Path(workdir) / OUTPUTS["report"]
-    if path.exists():
-        create_markdown_artifact(key="gate-verdict", markdown=path.read_text(), description="Gate verdict (failed)")
+def publish_stage(stage: str, root: Path, failed: bool) -> None:
+    """The artifacts of one stage's outputs, as soon as it is done (or has failed)."""
+    if stage == "validate":
+        artifacts.validation(root)
+    elif stage == "train" and not failed:
+        artifacts.training(root)
+    elif stage == "evaluate":
+        artifacts.metrics(root)
+    elif stage == "gate":
+        artifacts.verdict(root, failed)
+    elif stage == "export":
+        artifacts.model_card(root)
 
 
-@flow(name="finetune-pipeline", log_prints=True)
-def finetune_pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, workdir: str = ".") -> dict:
-    """ingest -> validate -> fetch_model -> train -> evaluate -> gate -> export -> promote, each through DVC."""
-    cfg = PipelineParams(params_file=params_file, overrides=overrides or [], workdir=workdir)
-    root = Path(cfg.workdir)
-    if cfg.overrides:
-        apply_overrides(str(root / cfg.params_file), cfg.overrides)
-    ran = {}
+def run_stages(root: Path, orchestration: OrchestrationParams) -> dict[str, str]:
+    """Every stage in order, each through DVC with its retry policy and the stage timeout."""
+    ran: dict[str, str] = {}
     for stage in STAGES:
         try:
-            ran[stage] = run_stage(stage, cfg.workdir)
-            if stage == "train" and ran[stage] == "ran":
-                publish_training(cfg.workdir)
+            ran[stage] = stage_task(stage, orchestration)(stage, str(root), orchestration.stage_timeout_s)
         except StageFailed:
-            if stage == "gate":
-                _publish_failed_gate(cfg.workdir)
+            publish_stage(stage, root, failed=True)
             raise
-    metrics, promotion = publish(cfg.workdir)
+        publish_stage(stage, root, failed=False)
+    return ran
+
+
+def _runtime() -> dict:
+    """This flow run, as lineage and the project lock's holder record name it."""
+    from prefect.runtime import deployment, flow_run
+
+    return {"flow": flow_run.flow_name, "flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
+            "url": flow_run.ui_url, "deployment": f"{flow_run.flow_name}/{deployment.name}" if deployment.name else None}
+
+
+@contextmanager
+def holding_project(form: RunParams | None, overrides: list[str], workdir: str) -> Iterator[project.AppliedParams]:
+    """The start every flow shares: validate all overrides (nothing touched yet), take the project lock,
+    write the overrides into params.yaml (restored if the block fails)."""
+    logger = get_run_logger()
+    root = Path(workdir).resolve()
+    wanted = to_overrides(form) + list(overrides or [])
+    wait_s = load_params(root / PARAMS_FILE, wanted).orchestration.lock_wait_s  # a bad value fails here
+    holder = {**_runtime(), "overrides": [project.redact(o) for o in wanted]}
+    with project.hold(root, wait_s, holder, logger.warning):
+        with project.params_applied(root / PARAMS_FILE, wanted, logger.info) as applied:
+            artifacts.run_params([project.redact(o) for o in wanted] if applied.changed else [], _sha256(applied.path))
+            yield applied
+
+
+def registry_root(root: Path, p: Params) -> Path:
+    return resolve_root(root / PARAMS_FILE, p.registry.root)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def record_lineage(root: Path, p: Params, promotion: dict, promote_ran: bool) -> dict:
+    """Lineage of the promoted version, on the flow run (artifact) and in the registry (lineage/)."""
+    reg = registry_root(root, p)
+    run = _runtime()
+    entry = {
+        "version": promotion["version"],
+        "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": {"path": p.data.path, "dvc_hash": project.locked_data_hash(root, p.data.path or ""),
+                 "manifest_sha256": read_metadata(reg, promotion["version"]).get("data_version")},
+        "params_sha256": _sha256(root / PARAMS_FILE),
+        "git_commit": project.git_commit(root),
+        "flow_run": {"id": str(run["flow_run_id"] or ""), "name": run["flow_run_name"], "url": run["url"],
+                     "flow": run["flow"], "deployment": run["deployment"]},
+    }
+    if promote_ran or lineage.latest(reg, promotion["version"]) is None:
+        lineage.record(reg, promotion["version"], entry)
+    artifacts.lineage(entry)
+    return entry
+
+
+def pipeline_body(root: Path, p: Params) -> dict:
+    """The stages, then what the run page and the caller need: metrics, promotion, lineage, summary."""
+    from flows import notify
+
+    ran = run_stages(root, p.orchestration)
+    metrics = read_json(root / OUTPUTS["metrics"])
+    promotion = read_json(root / OUTPUTS["promotion"])
+    line = promotion_line(promotion)
+    artifacts.registry_version(registry_root(root, p) / "versions" / promotion["version"], promotion, line)
+    entry = record_lineage(root, p, promotion, ran["promote"] == "ran")
+    if promotion["promoted"] and ran["promote"] == "ran":
+        notify.emit_promotion(root, promotion, line, entry["flow_run"].get("url"))
     outputs = {k: str((root / v).resolve()) for k, v in OUTPUTS.items()}
     summary = "\n".join(
         [f"test accuracy {metrics['accuracy']:.4f}, macro recall {metrics['macro_recall']:.4f}, "
          f"macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images"]
-        + [promotion_line(promotion)]
+        + [line]
         + [f"  {stage}: {status}" for stage, status in ran.items()]
         + [f"  {k}: {v}" for k, v in outputs.items()]
     )
-    return {"metrics": metrics, "promotion": promotion, "stages": ran, "outputs": outputs, "summary": summary}
+    return {"metrics": metrics, "promotion": promotion, "stages": ran, "outputs": outputs, "lineage": entry,
+            "summary": summary}
+
+
+@flow(name="finetune-pipeline", log_prints=True)
+def finetune_pipeline(params: RunParams = RunParams(), overrides: list[str] = [], workdir: str = ".") -> dict:  # noqa: B006
+    """ingest -> validate -> fetch_model -> train -> evaluate -> gate -> export -> promote, each through DVC.
+
+    Args:
+        params: the run form; empty fields keep the project's params.yaml values
+        overrides: any other params key as `section.key=value` (e.g. `train.batch_size=8`), like `finetune run --set`
+        workdir: the project folder (a git + DVC repository with dvc.yaml); "." is the deployment's folder
+    """
+    with holding_project(params, overrides, workdir) as applied:
+        result = pipeline_body(Path(workdir).resolve(), applied.params)
+    artifacts.outcome(result["summary"].splitlines()[1])
+    return result

@@ -223,10 +223,12 @@ def source_table(source: str, path: str | None, task: str, defect_threshold: flo
 
 
 def build_manifest(table: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int,
-                   workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
+                   workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, probe=probe_all) -> pd.DataFrame:
+    """The source table with its split and each image's probe (`probe(sources, workers, max_pixels)`:
+    threads here; `finetune validate --dask-workers` passes a Dask-backed one with the same rows)."""
     df = table.reset_index(drop=True).copy()
     df["split"] = assign_splits(df, test, val, stratify_by, seed)
-    probes = probe_all(df["source"].tolist(), workers, max_pixels)
+    probes = probe(df["source"].tolist(), workers, max_pixels)
     df = pd.concat([df, probes], axis=1)
     front = ["path", "label", "split"]
     return df[front + [c for c in df.columns if c not in front]]

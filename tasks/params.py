@@ -289,6 +289,30 @@ class ExportParams(Strict):
         256, "at most this many validation images (evenly spaced) calibrate the activation ranges")
 
 
+class OrchestrationParams(Strict):
+    """How the Prefect flows drive the stages (read by flows/ only; no DVC stage declares these keys)."""
+
+    stage_timeout_s: Annotated[int, Field(ge=1)] | None = doc(
+        21600, "a stage (one `dvc repro --single-item`) running longer than this is stopped and the run ends TimedOut; "
+        "null = no limit")
+    io_retries: Annotated[int, Field(ge=0, le=10)] = doc(
+        2, "retries of the stages whose failures can be transient (ingest reads the data, fetch_model the weights, "
+        "promote writes the registry); train, evaluate, gate and export never retry: a retry cannot change them")
+    retry_delay_s: Annotated[float, Field(ge=0.0, le=3600.0)] = doc(5.0, "wait before the first retry (doubled for "
+                                                                    "each further one)")
+    lock_wait_s: Annotated[float, Field(ge=0.0)] = doc(
+        3600.0, "a run that finds another run holding the project folder waits this long for it (the wait names the "
+        "running one), then is refused; 0 = refuse at once")
+    webhook: str | None = doc(None, "notifications (off when null): an http(s) URL, or the name of a Prefect Webhook "
+                              "block (keeps a secret URL out of this file); `finetune prefect deploy` sets up the "
+                              "automations (failed runs, promotions)")
+    dask_workers: Annotated[int, Field(ge=0, le=256)] = doc(
+        0, "image probing/validation (`finetune validate`) and batch prediction (`finetune predict`) on a local Dask "
+        "cluster of this many worker processes; 0 = threads in one process")
+    dask_address: str | None = doc(None, "a running Dask scheduler (tcp://host:8786) to use instead of a local "
+                                   "cluster")
+
+
 class Params(Strict):
     seed: int = doc(42, "seeds splits, head init, shuffling and augmentation")
     data: DataParams = Field(default_factory=DataParams, description="where the images come from and how they are "
@@ -302,6 +326,9 @@ class Params(Strict):
                               "promoted (all on the held-out test split)")
     registry: RegistryParams = Field(default_factory=RegistryParams, description="where exported models are registered")
     export: ExportParams = Field(default_factory=ExportParams, description="ONNX export and its verification")
+    orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams, description="Prefect runs: "
+                                               "timeouts, retries, the project lock, notifications, Dask "
+                                               "(docs/orchestration.md)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -1,0 +1,123 @@
+"""What a flow run shows on its page: one artifact per stage output worth reading there.
+
+Each function reads the files a stage wrote (the paths in dvc.yaml) and publishes them; a stage
+that wrote nothing (it failed before its outputs) publishes nothing. Keys are stable, so the
+Artifacts page keeps one history per key across runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from pathlib import Path
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+OUTPUTS = {
+    "model": "models/model.onnx",
+    "model_int8": "models/int8",
+    "model_card": "models/model_card.md",
+    "metrics": "reports/eval/metrics.json",
+    "confusion": "reports/eval/confusion.png",
+    "verdict": "reports/gate/verdict.json",
+    "report": "reports/gate/verdict.md",
+    "promotion": "reports/promote.json",
+    "validation": "reports/validation/validation.md",
+    "data_docs": "reports/validation/docs/index.html",
+    "history": "reports/train/history.csv",
+}
+IMAGE_INLINE_MAX = 1_000_000  # bytes; Prefect drops the event of an artifact over ~1.5 MB
+
+
+def validation(root: Path) -> None:
+    summary = root / OUTPUTS["validation"]
+    if not summary.exists():
+        return
+    docs = root / OUTPUTS["data_docs"]
+    where = f"\n\nGreat Expectations Data Docs: [{docs}]({docs.resolve().as_uri()})" if docs.exists() else ""
+    create_markdown_artifact(key="validation", markdown=summary.read_text() + where,
+                             description="Data validation (Great Expectations)")
+
+
+def training(root: Path) -> None:
+    """Per-epoch training metrics (what `dvc plots show` draws), one row per epoch."""
+    path = root / OUTPUTS["history"]
+    if not path.exists():
+        return
+    keep = ("stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
+    with path.open() as f:
+        rows = [{k: (r[k] if k == "stage" else round(float(r[k]), 6)) for k in keep if k in r} for r in csv.DictReader(f)]
+    create_table_artifact(key="training-history", table=rows, description="Training: one row per epoch")
+
+
+def metrics(root: Path) -> dict | None:
+    path = root / OUTPUTS["metrics"]
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    create_table_artifact(
+        key="test-metrics",
+        table=[{"metric": k, "value": round(m[k], 4)} for k in ("accuracy", "macro_recall", "macro_f1") if k in m],
+        description=f"Test split ({m.get('n')} images)",
+    )
+    png = root / OUTPUTS["confusion"]
+    if png.exists() and png.stat().st_size <= IMAGE_INLINE_MAX:
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        create_image_artifact(image_url=uri, key="confusion-matrix", description=f"Confusion matrix ({png})")
+    elif png.exists():
+        create_link_artifact(key="confusion-matrix", link=png.resolve().as_uri(), link_text=str(png))
+    return m
+
+
+def verdict(root: Path, failed: bool) -> None:
+    path = root / OUTPUTS["report"]
+    if path.exists():
+        create_markdown_artifact(key="gate-verdict", markdown=path.read_text(),
+                                 description="Gate verdict" + (" (failed)" if failed else ""))
+
+
+def model_card(root: Path) -> None:
+    path = root / OUTPUTS["model_card"]
+    if path.exists():
+        create_markdown_artifact(key="model-card", markdown=path.read_text(), description=f"Model card ({path})")
+
+
+def registry_version(folder: Path, promotion: dict, line: str) -> None:
+    """A link-style pointer to the registered version's folder, and the promotion line."""
+    create_link_artifact(key="registry-version", link=folder.resolve().as_uri(),
+                         link_text=f"{promotion['version']} (champion: {promotion['champion']})",
+                         description="Model registry version")
+    create_markdown_artifact(key="promotion", markdown=line, description="Model registry")
+
+
+def lineage(entry: dict) -> None:
+    flat = {
+        "version": entry.get("version"),
+        "data": entry["data"]["path"],
+        "data version (DVC hash)": entry["data"]["dvc_hash"],
+        "validated manifest sha256": entry["data"].get("manifest_sha256"),
+        "params sha256": entry["params_sha256"],
+        "git commit": entry["git_commit"],
+        "flow run": entry["flow_run"].get("id"),
+        "flow run URL": entry["flow_run"].get("url"),
+        "deployment": entry["flow_run"].get("deployment"),
+    }
+    create_table_artifact(key="lineage", table=[{"what": k, "value": str(v)} for k, v in flat.items()],
+                          description="Lineage of this run's model (also in the registry's lineage/ folder)")
+
+
+def run_params(changes: list[str], params_sha256: str) -> None:
+    text = ("\n".join(f"- `{c}`" for c in changes) if changes else "none: params.yaml as it was") + \
+        f"\n\nparams.yaml sha256 `{params_sha256}`"
+    create_markdown_artifact(key="run-params", markdown="Overrides written into params.yaml:\n\n" + text,
+                             description="What this run set (DVC records the file)")
+
+
+def outcome(line: str) -> None:
+    create_markdown_artifact(key="outcome", markdown=line, description="What this run did")

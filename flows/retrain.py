@@ -1,0 +1,85 @@
+"""The retraining flow: retrain when the data changed since the champion was trained (or when forced),
+and let the gates and promotion decide whether the new model replaces it.
+
+"Changed" compares DVC hashes: the data dependency's hash now (`${data.path}` of the ingest stage,
+hashed by DVC as `dvc.lock` would record it) against the one recorded in the registry's lineage for
+the champion (the flow writes it when it promotes). Unchanged data ends the run at once, saying so;
+params.yaml is then left exactly as it was. Changed data (or `force`) runs the pipeline, the same
+`flows.pipeline` path as a manual run, under the same project lock.
+
+Every run ends with one line (an artifact, the log, the return value and, for a failure, the
+run's failure message): "no change: ...", "retrained on ...: promoted v0003 over v0002", or
+"retrained on ...: not promoted because <gate reason>; the champion stays v0002" (the run fails).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows import artifacts, project
+from flows.form import RunParams
+from flows.pipeline import StageFailed, holding_project, pipeline_body, registry_root
+from tasks import lineage
+from tasks.registry import read_champion
+
+
+def data_verdict(root: Path, registry: Path, force: bool) -> tuple[bool, str]:
+    """(retrain?, why) from the data dependency's DVC hash now vs the champion's recorded one."""
+    data_path, now = project.data_dependency(root)
+    data = f"data {data_path} ({now[:12]})"
+    champion = read_champion(registry)
+    if champion is None:
+        return True, f"{data}, no champion yet"
+    version = champion["version"]
+    recorded = (lineage.latest(registry, version) or {}).get("data", {}).get("dvc_hash")
+    if recorded is None:
+        return True, f"{data}, champion {version} has no recorded data version (registered outside a flow run)"
+    if force:
+        return True, f"{data}, forced" + (" (unchanged since the champion)" if recorded == now else "")
+    if recorded == now:
+        return False, f"no change: {data} is what champion {version} was trained on; nothing to do"
+    return True, f"new {data}; champion {version} was trained on {recorded[:12]}"
+
+
+def outcome_of(why: str, promotion: dict) -> str:
+    if promotion["promoted"]:
+        return f"retrained on {why}: promoted {promotion['version']} over {promotion.get('previous_champion') or 'none'}"
+    return f"retrained on {why}: {promotion['version']} is the champion already (the candidate is the same model)"
+
+
+@flow(name="finetune-retrain", log_prints=True)
+def finetune_retrain(force: bool = False, params: RunParams = RunParams(), overrides: list[str] = [],  # noqa: B006
+                     workdir: str = ".") -> dict:
+    """Retrain when the data changed since the champion was trained (or when forced); promote only a winner.
+
+    Args:
+        force: retrain even if the data is what the champion was trained on (e.g. after changing params)
+        params: the run form; empty fields keep the project's params.yaml values
+        overrides: any other params key as `section.key=value`, like `finetune run --set`
+        workdir: the project folder (a git + DVC repository with dvc.yaml); "." is the deployment's folder
+    """
+    logger = get_run_logger()
+    root = Path(workdir).resolve()
+    with holding_project(params, overrides, workdir) as applied:
+        registry = registry_root(root, applied.params)
+        retrain, why = data_verdict(root, registry, force)
+        if not retrain:
+            applied.restore()  # nothing ran: params.yaml stays as it was
+            logger.info(why)
+            artifacts.outcome(why)
+            return {"retrained": False, "outcome": why}
+        logger.info("retraining: %s", why)
+        champion = (read_champion(registry) or {}).get("version", "none")
+        try:
+            result = pipeline_body(root, applied.params)
+        except StageFailed as exc:
+            line = f"retrained on {why}: not promoted because {exc}; the champion stays {champion}"
+            artifacts.outcome(line)
+            exc.args = (line,)
+            raise
+    line = outcome_of(why, result["promotion"])
+    logger.info(line)
+    artifacts.outcome(line)
+    return {**result, "retrained": True, "outcome": line}

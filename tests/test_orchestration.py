@@ -1,0 +1,286 @@
+"""The Prefect side without a server: the run form, the project lock, params put back on failure,
+lineage records, the deployments file and the local server/worker plumbing."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import project
+from flows.form import RunParams, to_overrides
+from tasks import lineage
+from tasks.params import Params, load_params, render_defaults, write_overrides
+from tests.conftest import REPO
+
+# ---- the run form ---------------------------------------------------------------------------------
+
+
+def form_schema() -> dict:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import finetune_pipeline
+
+    return parameter_schema(finetune_pipeline.fn).model_dump()
+
+
+def test_the_form_takes_types_choices_bounds_and_descriptions_from_the_params_models():
+    schema = form_schema()
+    defs = schema["definitions"]
+    source = defs["ModelForm"]["properties"]["source"]
+    assert source["anyOf"][0]["enum"] == ["bundled", "torchvision", "timm", "checkpoint"]
+    assert Params.model_fields["model"].annotation.model_fields["source"].description in source["description"]
+    assert "default: bundled" in source["description"]
+    lr = defs["StageForm"]["properties"]["lr"]["anyOf"][0]
+    assert lr == {"exclusiveMinimum": 0.0, "type": "number"}
+    epochs = defs["StageForm"]["properties"]["epochs"]["anyOf"][0]
+    assert (epochs["minimum"], epochs["maximum"]) == (0, 1000)
+    accuracy = defs["MinForm"]["properties"]["accuracy"]
+    assert accuracy["anyOf"][0]["maximum"] == 1.0 and "default: 0.84" in accuracy["description"]
+    assert all(d.get("additionalProperties") is False for name, d in defs.items() if name.endswith(("Form", "Params")))
+    assert set(schema["properties"]) == {"params", "overrides", "workdir"}
+    assert schema["properties"]["overrides"]["description"].startswith("any other params key")
+
+
+def test_an_empty_form_changes_nothing_and_set_fields_become_overrides_in_form_order():
+    assert to_overrides(RunParams()) == []
+    form = RunParams.model_validate({
+        "data": {"source": "folder", "path": "007"},
+        "train": {"stages": [{"epochs": 1}, {"lr": 0.01}], "batch_size": 8},
+        "gates": {"min": {"accuracy": 0.5}, "champion": {"require_significant": True}},
+    })
+    overrides = to_overrides(form)
+    assert overrides == ["data.source=folder", 'data.path="007"', "train.batch_size=8", "train.stages.0.epochs=1",
+                         "train.stages.1.lr=0.01", "gates.min.accuracy=0.5", "gates.champion.require_significant=true"]
+    p = load_params(REPO / "params.yaml", overrides)
+    assert p.data.path == "007" and p.train.stages[1].lr == 0.01 and p.train.stages[0].lr == 0.003  # the rest kept
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"train": {"stages": [{"lr": -0.1}]}}, "train.stages.0.lr"),
+    ({"model": {"source": "hub"}}, "model.source"),
+    ({"data": {"sourc": "folder"}}, "data.sourc"),
+    ({"gates": {"min": {"accuracy": 1.5}}}, "gates.min.accuracy"),
+])
+def test_the_form_refuses_what_params_refuse(bad, key):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key.replace(".", r"\.")):
+        RunParams.model_validate(bad)
+
+
+# ---- the project lock (issue 12 #2) ---------------------------------------------------------------
+
+
+def _hold_until(root: str, entered: str, release: str) -> None:
+    """Another process holding the project until `release` exists (a run in progress)."""
+    import time
+
+    with project.hold(Path(root), 0, {"flow_run_name": "other-run", "deployment": "finetune-pipeline/manual"}, print):
+        Path(entered).touch()
+        deadline = time.monotonic() + 120
+        while not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def wait_for(path: Path, proc, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.is_alive(), "the holder process died"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    root = tmp_path / "proj"
+    root.mkdir()
+    proc = ctx.Process(target=_hold_until, args=(str(root), str(entered), str(release)))
+    proc.start()
+    wait_for(entered, proc)
+    yield root, release, proc
+    release.touch()
+    proc.join(60)
+
+
+def test_a_second_run_is_refused_naming_the_running_one(holder):
+    root, _, proc = holder
+    with pytest.raises(project.ProjectBusy) as err:
+        with project.hold(root, 0, {"flow_run_name": "mine"}, print):
+            pytest.fail("entered a project another run holds")
+    message = str(err.value)
+    assert "in use by flow run 'other-run' (finetune-pipeline/manual)" in message and f"pid {proc.pid}" in message
+    assert "nothing was changed" in message
+
+
+def test_a_second_run_waits_saying_for_whom_then_runs(holder):
+    root, release, proc = holder
+    said: list[str] = []
+    waiting = threading.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "waiting up to" in line:
+            waiting.set()
+
+    entered = threading.Event()
+
+    def second() -> None:
+        with project.hold(root, 120, {"flow_run_name": "mine"}, say) as record:
+            assert project.read_holder(root)["flow_run_name"] == "mine" == record["flow_run_name"]
+            entered.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert waiting.wait(60), said
+    assert not entered.is_set() and "other-run" in said[0]
+    release.touch()
+    t.join(60)
+    assert entered.is_set()
+    assert project.read_holder(root)["state"] == "ended"
+
+
+def test_a_killed_holder_leaves_no_stale_lock_and_is_reported(tmp_path):
+    root = tmp_path / "proj"
+    code = ("import os, sys; from pathlib import Path; from flows import project\n"
+            f"with project.hold(Path({str(root)!r}), 0, {{'flow_run_name': 'killed-run', 'overrides': ['a.b=1']}}, print):\n"
+            "    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9
+    said = []
+    with project.hold(root, 0, {"flow_run_name": "next"}, said.append):
+        pass
+    assert "ended without finishing" in said[0] and "killed-run" in said[0] and "a.b=1" in said[0]
+
+
+# ---- params put back when a run fails (issue 12 #12) --------------------------------------------
+
+
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(render_defaults())
+    return path
+
+
+def test_a_failed_block_restores_params_and_says_which_overrides_left(params_file):
+    before = params_file.read_bytes()
+    with pytest.raises(RuntimeError) as err:
+        with project.params_applied(params_file, ["train.batch_size=7", "orchestration.webhook=https://u:p@h/x"],
+                                    print) as applied:
+            assert load_params(params_file).train.batch_size == 7 and applied.params.train.batch_size == 7
+            raise RuntimeError("stage 'gate' failed: gate failed")
+    assert params_file.read_bytes() == before
+    message = str(err.value)
+    assert message.startswith("stage 'gate' failed: gate failed; params.yaml restored")
+    assert "train.batch_size=7" in message and "orchestration.webhook=***" in message and "u:p" not in message
+
+
+def test_a_successful_block_keeps_the_overrides(params_file):
+    with project.params_applied(params_file, ["train.batch_size=7"], print):
+        pass
+    assert load_params(params_file).train.batch_size == 7
+
+
+def test_a_file_edited_during_the_run_is_left_alone_and_the_message_says_so(params_file):
+    with pytest.raises(RuntimeError, match="edited during the run and is left as it is.*train.batch_size=7"):
+        with project.params_applied(params_file, ["train.batch_size=7"], print):
+            write_overrides(params_file, ["train.batch_size=9"])
+            raise RuntimeError("boom")
+    assert load_params(params_file).train.batch_size == 9
+
+
+def test_redact_hides_secrets_in_overrides():
+    assert project.redact("orchestration.webhook=https://hooks.example/T0/B1/xyz") == "orchestration.webhook=***"
+    assert project.redact("model.weights=https://user:token@host/w.pth") == "model.weights=https://***@host/w.pth"
+    assert project.redact("train.batch_size=8") == "train.batch_size=8"
+
+
+# ---- lineage in the registry ----------------------------------------------------------------------
+
+
+def test_lineage_records_accumulate_per_version(tmp_path):
+    assert lineage.read(tmp_path, "v1") == [] and lineage.latest(tmp_path, "v0001") is None
+    lineage.record(tmp_path, "v1", {"data": {"dvc_hash": "a.dir"}})
+    lineage.record(tmp_path, "v0001", {"data": {"dvc_hash": "b.dir"}})
+    assert [r["data"]["dvc_hash"] for r in lineage.read(tmp_path, "1")] == ["a.dir", "b.dir"]
+    assert json.loads((tmp_path / "lineage" / "v0001.json").read_text())["version"] == "v0001"
+    (tmp_path / "lineage" / "v0002.json").write_text("{")
+    from tasks.registry import RegistryError
+
+    with pytest.raises(RegistryError, match="v0002.json is not valid JSON"):
+        lineage.latest(tmp_path, "v2")
+
+
+def test_the_data_dependency_hash_is_dvcs_and_follows_the_data(tmp_path):
+    from tests.conftest import make_dataset
+    from tests.test_end_to_end import dvc, sh
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "params.yaml").write_text(render_defaults())
+    write_overrides(root / "params.yaml", ["data.source=folder", "data.path=raw"])
+    (root / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python -c pass\n    deps:\n      - ${data.path}\n")
+    make_dataset(root / "raw", per_class=3, size=32)
+    sh("git", "init", "-q", cwd=root)
+    dvc("init", "-q", cwd=root)
+    path, first = project.data_dependency(root)
+    dvc("repro", cwd=root)
+    assert path == "raw" and project.locked_data_hash(root, "raw") == first and first.endswith(".dir")
+    make_dataset(root / "raw" / "dark" / "more", classes=("x",), per_class=1, size=32, seed=5)
+    assert project.data_dependency(root)[1] != first
+
+
+# ---- deployments, the CLI, the local server plumbing ---------------------------------------------
+
+
+def test_prefect_yaml_declares_a_manual_and_a_scheduled_deployment_on_a_process_pool():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"manual", "nightly"}
+    assert deployments["manual"]["entrypoint"] == "flows/pipeline.py:finetune_pipeline"
+    assert deployments["nightly"]["entrypoint"] == "flows/retrain.py:finetune_retrain"
+    assert not deployments["manual"].get("schedules") and deployments["nightly"]["schedules"][0]["cron"]
+    for d in deployments.values():
+        assert d["work_pool"]["name"] == "finetune" and d["enforce_parameter_schema"] is True
+        module, name = d["entrypoint"].split(":")
+        assert callable(getattr(__import__(module.removesuffix(".py").replace("/", "."), fromlist=[name]), name))
+    assert spec["prefect-version"] == __import__("prefect").__version__
+
+
+def test_orchestration_params_are_documented_and_bounded():
+    p = Params()
+    assert p.orchestration.webhook is None and p.orchestration.dask_workers == 0  # notifications and Dask: off
+    from tasks.params import ParamsError, validate_params
+
+    with pytest.raises(ParamsError, match="orchestration.io_retries"):
+        validate_params({"orchestration": {"io_retries": -1}})
+
+
+def test_a_pid_is_signalled_only_while_it_is_the_process_we_started(tmp_path):
+    from finetune.local_prefect import Local, _alive_pid, stop
+
+    local = Local(tmp_path)
+    local.state.mkdir()
+    (local.state / "worker.pid").write_text(f"{os.getpid()}\n")  # this pytest process: not a prefect worker
+    assert _alive_pid(local, "worker") is None
+    assert stop(local) == ["worker: not running", "server: not running"]
+    assert not (local.state / "worker.pid").exists()
+
+
+def test_run_refuses_a_params_file_the_stages_do_not_read(tmp_path):
+    from tests.test_cli import finetune, one_line_error
+
+    (tmp_path / "other.yaml").write_text(render_defaults())
+    one_line_error(finetune("run", "--params", "other.yaml", cwd=tmp_path), "the stages read", "--set")

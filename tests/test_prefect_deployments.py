@@ -1,0 +1,300 @@
+"""Prefect for real: a `prefect server` on loopback and a process worker (started as `finetune prefect up`
+starts them), the deployments of prefect.yaml, runs triggered through the API as the dashboard's form
+triggers them, notifications through an automation and a webhook block, and the retraining flow on
+generated data. Tiny data and a tiny recipe (tests/test_end_to_end.py's TINY, head-only, no INT8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import local_prefect as lp
+from tasks import lineage, registry
+from tasks.params import load_params, write_overrides
+from tests.conftest import REPO, make_dataset
+from tests.test_end_to_end import dvc, new_project, read
+
+pytestmark = pytest.mark.slow
+
+FAST = ["train.stages.1.epochs=0", "export.int8=false"]  # head-only training, no INT8: short runs
+FORM = {"train": {"batch_size": 4, "stages": [{"epochs": 1, "lr": 0.02}]}, "gates": {"min": {"accuracy": 0.55}}}
+FORM_AS_SET = ["train.batch_size=4", "train.stages.0.epochs=1", "train.stages.0.lr=0.02", "gates.min.accuracy=0.55"]
+
+
+class Hook:
+    """A webhook receiver on loopback: every POST body (JSON) is kept, in order."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.changed = threading.Condition()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                with hook.changed:
+                    hook.bodies.append(body)
+                    hook.changed.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float = 120) -> dict:
+        with self.changed:
+            assert self.changed.wait_for(lambda: any(predicate(b) for b in self.bodies), timeout), self.bodies
+            return next(b for b in self.bodies if predicate(b))
+
+
+@pytest.fixture(scope="module")
+def hook():
+    h = Hook()
+    yield h
+    h.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, hook):
+    """A project with prefect.yaml, a real server and worker for it, its deployments and notifications."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import notify
+
+    root = new_project(tmp_path_factory.mktemp("deployed") / "proj")
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    write_overrides(root / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"])
+    local = lp.Local(root, lp.free_port())
+    quiet = os.environ.pop("PREFECT_LOGGING_LEVEL", None)  # conftest's WARNING would keep the runs' logs off the API
+    try:
+        lp.start_server(local)
+        lp.start_worker(local, query_seconds=1)
+        if quiet is not None:
+            os.environ["PREFECT_LOGGING_LEVEL"] = quiet
+        with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
+            lp.deploy(local)
+            assert notify.configure(load_params(root / "params.yaml").orchestration.webhook).startswith(
+                "notifications: on")
+            yield root, local
+            lp.drain()
+    finally:
+        stopped = lp.stop(local)
+        assert stopped[0].startswith("worker: stopped") and stopped[1].startswith("server: stopped"), stopped
+
+
+def client():
+    from prefect import get_client
+
+    return get_client(sync_client=True)
+
+
+def finish(flow_run_id, timeout: float = 900):
+    """Poll the API until the run reaches a final state (the worker runs it in its own process)."""
+    deadline = time.monotonic() + timeout
+    with client() as c:
+        while True:
+            run = c.read_flow_run(flow_run_id)
+            if run.state and run.state.is_final():
+                return run
+            assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name} after {timeout} s"
+            time.sleep(1)
+
+
+def trigger(name: str, parameters: dict):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(name, parameters=parameters, timeout=0)
+
+
+def logs_of(flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    lines: list[str] = []
+    with client() as c:
+        while page := c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), offset=len(lines)):
+            lines += [log.message for log in page]
+    return "\n".join(lines)
+
+
+def artifacts_of(flow_run_id) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with client() as c:
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
+
+
+# Outputs holding no wall-clock timings: DVC's hashes of these must match between two runs of the same params.
+# (Metrics, histories, reports and models record seconds or images/s; they are compared without them.)
+TIMELESS = ("tasks/", "flows/", "raw", "data/", "params.yaml", "reports/eval/predictions.csv")
+TIMINGS = {"seconds", "images_per_s", "wall_time_s", "time_s"}
+
+
+def timeless(root: Path, rel: str) -> object:
+    """A metrics JSON or CSV without its timing fields."""
+    import csv
+
+    if rel.endswith(".csv"):
+        with (root / rel).open() as f:
+            return [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
+    return {k: v for k, v in read(root, rel).items() if k not in TIMINGS}
+
+
+def same_run(a: Path, b: Path) -> dict:
+    """Two projects ran the same stages with the same params on the same data to the same numbers."""
+    ours, theirs = yaml.safe_load((a / "dvc.lock").read_text()), yaml.safe_load((b / "dvc.lock").read_text())
+    assert ours["stages"].keys() == theirs["stages"].keys()
+    for name, stage in ours["stages"].items():
+        other = theirs["stages"][name]
+        assert (stage["cmd"], stage.get("params")) == (other["cmd"], other.get("params")), name
+        for kind in ("deps", "outs"):
+            mine = {d["path"]: d.get("md5") for d in stage.get(kind, []) if d["path"].startswith(TIMELESS)}
+            assert mine == {d["path"]: d.get("md5") for d in other.get(kind, []) if d["path"] in mine}, (name, kind)
+
+    for rel in ("reports/eval/metrics.json", "reports/train/history.csv"):
+        assert timeless(a, rel) == timeless(b, rel), rel
+    verdicts = [read(root, "reports/gate/verdict.json") for root in (a, b)]
+    assert [(v["passed"], v["gates"]) for v in verdicts] == [(True, verdicts[1]["gates"])] * 2
+    return ours
+
+
+def test_the_deployments_and_the_schedule_are_on_the_server(served):
+    with client() as c:
+        manual = c.read_deployment_by_name("finetune-pipeline/manual")
+        nightly = c.read_deployment_by_name("finetune-retrain/nightly")
+        pool = c.read_work_pool("finetune")
+    cron = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][1]["schedules"][0]["cron"]
+    assert [s.schedule.cron for s in nightly.schedules] == [cron] and nightly.schedules[0].active
+    assert manual.schedules == [] and pool.type == "process"
+    assert manual.work_pool_name == nightly.work_pool_name == "finetune"
+    assert manual.enforce_parameter_schema and "RunParams" in manual.parameter_openapi_schema["definitions"]
+    assert manual.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(served[0])
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"params": {"train": {"stages": [{"lr": -0.01}]}}}, "params.train.stages[0].lr"),
+    ({"params": {"model": {"source": "huggingface"}}}, "params.model.source"),
+])
+def test_invalid_parameters_are_refused_by_the_server_before_any_run_exists(served, bad, field):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    def runs() -> int:
+        with client() as c:
+            return len(c.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["manual"]))))
+
+    before = runs()
+    with pytest.raises(PrefectHTTPStatusError) as err:
+        trigger("finetune-pipeline/manual", bad)
+    assert err.value.response.status_code == 409 and field in err.value.response.text
+    assert runs() == before
+
+
+def test_a_dashboard_run_with_typed_params_does_what_dvc_repro_does_with_the_same_params(served, hook, tmp_path):
+    root, _ = served
+    run = finish(trigger("finetune-pipeline/manual", {"params": FORM}).id)
+    assert run.state.type.value == "COMPLETED", (run.state.message, logs_of(run.id)[-3000:])
+    arts = artifacts_of(run.id)
+    assert {"validation", "training-history", "test-metrics", "confusion-matrix", "gate-verdict", "model-card",
+            "registry-version", "promotion", "lineage", "run-params"} <= set(arts)
+    assert arts["confusion-matrix"].data.startswith("data:image/png;base64,")
+    assert "reports/validation/docs/index.html" in arts["validation"].data
+    assert "versions/v0001" in arts["registry-version"].data
+    assert "`train.stages.0.lr=0.02`" in arts["run-params"].data
+    for stage in ("ingest", "train", "gate"):
+        assert f"Running stage '{stage}'" in logs_of(run.id)
+
+    # the same params, written with --set's writer, and a plain `dvc repro`
+    direct = new_project(tmp_path / "direct")
+    write_overrides(direct / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"] + FORM_AS_SET)
+    dvc("repro", cwd=direct)
+    assert (root / "params.yaml").read_bytes() == (direct / "params.yaml").read_bytes()
+    ours = same_run(root, direct)
+    assert "up to date" in dvc("status", cwd=root).stdout
+
+    # lineage: on the flow run and in the registry, naming this run; the promotion was announced
+    entry = lineage.latest(root / "registry", "v0001")
+    assert entry["flow_run"]["id"] == str(run.id) and entry["flow_run"]["deployment"] == "finetune-pipeline/manual"
+    assert entry["data"]["dvc_hash"] == next(d["md5"] for d in ours["stages"]["ingest"]["deps"] if d["path"] == "raw")
+    assert str(run.id) in entry["flow_run"]["url"] and entry["params_sha256"] and entry["git_commit"]
+    event = hook.wait_for(lambda b: b.get("event") == "finetune.model.promoted" and b.get("version") == "v0001")
+    assert event["project"] == str(root) and str(run.id) in event["url"]
+
+
+def test_two_dashboard_runs_at_once_run_one_after_the_other(served):
+    """A manual run and a forced retraining started together: different deployments, so Prefect lets both
+    start; the project lock makes the second wait for the first (its log names it), and both complete."""
+    root, _ = served
+    a = trigger("finetune-pipeline/manual", {"params": {"gates": {"min": {"accuracy": 0.5}}}})
+    b = trigger("finetune-retrain/nightly", {"force": True, "params": {"gates": {"min": {"macro_f1": 0.55}}}})
+    a, b = finish(a.id), finish(b.id)
+    assert a.state.type.value == b.state.type.value == "COMPLETED", (a.state.message, b.state.message)
+    waited = [r for r, other in ((a, b), (b, a)) if f"in use by flow run '{other.name}'" in logs_of(r.id)]
+    apart = a.end_time <= b.start_time or b.end_time <= a.start_time  # the worker started one after the other ended
+    assert len(waited) == 1 or (not waited and apart), "the runs overlapped and neither waited for the other"
+    p = load_params(root / "params.yaml")
+    assert p.gates.min.accuracy == 0.5 and p.gates.min.macro_f1 == 0.55  # both runs' settings, one after the other
+    assert "up to date" in dvc("status", cwd=root).stdout  # dvc.lock records what params.yaml says
+
+
+def test_a_failed_gate_fails_the_run_keeps_the_champion_restores_params_and_notifies(served, hook):
+    root, _ = served
+    before = (root / "params.yaml").read_bytes()
+    champion = registry.read_champion(root / "registry")["version"]
+    run = finish(trigger("finetune-pipeline/manual", {"params": {"gates": {"min": {"accuracy": 1.0}}}}).id)
+    assert run.state.type.value == "FAILED"
+    assert "stage 'gate' failed: gate failed: accuracy" in run.state.message
+    assert "params.yaml restored" in run.state.message and "gates.min.accuracy=1.0" in run.state.message
+    assert (root / "params.yaml").read_bytes() == before
+    assert registry.read_champion(root / "registry")["version"] == champion
+    assert "# Gate verdict: FAILED" in artifacts_of(run.id)["gate-verdict"].data
+    body = hook.wait_for(lambda b: b.get("flow_run") == run.name)
+    assert body["state"] == "Failed" and "gate failed" in body["message"] and str(run.id) in body["url"]
+
+
+def test_retraining_only_on_new_data_and_promoting_only_a_winner(served, tmp_path):
+    """Run in this process against the same server: a first champion; unchanged data, no retraining; new
+    images, a retraining that promotes; a worse recipe on new data, a failed gate that keeps the champion."""
+    from flows.pipeline import StageFailed, finetune_pipeline
+    from flows.retrain import finetune_retrain
+
+    root = new_project(tmp_path / "retrain")
+    write_overrides(root / "params.yaml", FAST)
+    reg = root / "registry"
+    finetune_pipeline(workdir=str(root))
+    assert registry.read_champion(reg)["version"] == "v0001"
+
+    same = finetune_retrain(workdir=str(root), params={"train": {"batch_size": 4}})
+    assert not same["retrained"] and same["outcome"].startswith("no change: data raw (")
+    assert "champion v0001" in same["outcome"] and load_params(root / "params.yaml").train.batch_size == 8  # untouched
+
+    make_dataset(tmp_path / "more", per_class=8, size=64, seed=7)  # new images of both classes
+    for label in ("dark", "bright"):
+        shutil.move(tmp_path / "more" / label, root / "raw" / label / "new")
+    retrained = finetune_retrain(workdir=str(root))
+    assert retrained["retrained"] and retrained["outcome"].startswith("retrained on new data raw (")
+    assert retrained["outcome"].endswith("promoted v0002 over v0001"), retrained["outcome"]
+    recorded = lineage.latest(reg, "v0002")["data"]["dvc_hash"]
+    assert recorded != lineage.latest(reg, "v0001")["data"]["dvc_hash"]
+
+    (root / "raw" / "dark" / "new" / "000.png").unlink()  # new data again, and a recipe that cannot learn it
+    state = finetune_retrain(workdir=str(root), overrides=["train.stages.0.lr=0.000001", "gates.min.accuracy=0.7"],
+                             return_state=True)
+    assert state.type.value == "FAILED"
+    assert "not promoted because stage 'gate' failed: gate failed" in state.message
+    assert "the champion stays v0002" in state.message
+    assert registry.read_champion(reg)["version"] == "v0002"
+    with pytest.raises(StageFailed):
+        state.result()

@@ -1,0 +1,66 @@
+"""Scale-out on Prefect's Dask task runner: the same rows and predictions as the single-process runs
+(a real temporary Prefect server, a real local Dask cluster of 2 worker processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import brightness_onnx, make_dataset
+from tests.test_cli import finetune
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = make_dataset(tmp_path_factory.mktemp("scale") / "images", per_class=30, size=40)
+    (folder / "dark" / "empty.png").write_bytes(b"")  # a broken file: an error row, the same either way
+    (folder / "bright" / "text.png").write_text("not an image")
+    return folder
+
+
+def test_dask_probing_gives_ingests_rows_in_ingests_order(images, tmp_path):
+    from finetune.local_prefect import prefect_api
+    from flows import scale
+    from tasks.ingest import probe_all
+
+    sources = sorted(str(p) for p in images.rglob("*.png"))
+    threads = probe_all(sources, workers=2, max_pixels=50_000_000)
+    with prefect_api(tmp_path):
+        on_dask = pd.DataFrame(scale.probe_all(sources, 50_000_000, workers=2, chunk_size=7))
+    pd.testing.assert_frame_equal(on_dask, threads)
+    assert (~threads["decodes_ok"]).sum() == 2
+
+
+def test_batch_prediction_on_dask_equals_the_thread_run(images, tmp_path):
+    from finetune.local_prefect import prefect_api
+    from flows.scale import predict
+
+    model = brightness_onnx(tmp_path / "bright.onnx", ["bright", "dark"])
+    with prefect_api(tmp_path):
+        local = predict(str(model), str(images), str(tmp_path / "threads.csv"), workers=0, chunk_size=9)
+        remote = predict(str(model), str(images), str(tmp_path / "dask.csv"), workers=2, chunk_size=9)
+    assert local == {**remote, "out": str(tmp_path / "threads.csv")} and local["failed"] == 2
+    assert (tmp_path / "threads.csv").read_bytes() == (tmp_path / "dask.csv").read_bytes()
+    rows = pd.read_csv(tmp_path / "dask.csv", dtype=str, keep_default_na=False)
+    assert list(rows.columns) == ["path", "label", "p_bright", "p_dark", "error"]
+    ok = rows[rows["error"] == ""]
+    assert (ok["label"] == ok["path"].map(lambda p: Path(p).parent.name)).mean() > 0.8  # the model works
+
+
+def test_finetune_validate_with_dask_workers_reports_what_the_plain_run_reports(images, tmp_path):
+    plain = finetune("validate", str(images), "--out", str(tmp_path / "plain"), cwd=tmp_path)
+    dask = finetune("validate", str(images), "--out", str(tmp_path / "dask"), "--dask-workers", "2", cwd=tmp_path)
+    assert plain.returncode == dask.returncode == 1, dask.stderr[-2000:]  # the broken files fail `decodes`
+    assert "Traceback" not in dask.stderr
+
+    def report(folder: str) -> dict:
+        data = json.loads((tmp_path / folder / "validation.json").read_text())
+        return {k: v for k, v in data.items() if k not in ("time_s", "timings")}
+
+    assert report("dask") == report("plain")
+    assert (tmp_path / "dask" / "manifest.csv").read_bytes() == (tmp_path / "plain" / "manifest.csv").read_bytes()
