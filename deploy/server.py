@@ -77,8 +77,8 @@ class Settings:
     batching: bool = False
     max_batch: int = 32
     batch_delay_ms: float = 0.0
-    concurrency: int = 1
-    threads: int | None = None
+    concurrency: int | None = None  # None: one model call per core (measured best on CPU: docs/serving.md)
+    threads: int | None = None      # None: cores / concurrency
     poll_s: float = 1.0
     log_level: str = "info"
     log_format: str = "json"
@@ -339,8 +339,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def build_service(settings: Settings, metrics: Metrics) -> Service:
     cores = os.cpu_count() or 1
-    threads = settings.threads or max(1, cores // settings.concurrency)
-    runner = Runner(settings.concurrency, settings.batching, settings.max_batch, settings.batch_delay_ms / 1000,
+    concurrency = settings.concurrency or cores
+    threads = settings.threads or max(1, cores // concurrency)
+    runner = Runner(concurrency, settings.batching, settings.max_batch, settings.batch_delay_ms / 1000,
                     on_batch=metrics.observe_batch)
     return Service(Source.parse(settings.model, settings.registry), settings.name, runner, threads=threads,
                    max_pixels=settings.max_pixels, on_swap=metrics.swapped)
@@ -390,8 +391,9 @@ def build_parser(prog: str = "python -m deploy.server") -> argparse.ArgumentPars
     a("--max-batch", type=int, default=d.max_batch, help="most images in one model call")
     a("--batch-delay-ms", type=float, default=d.batch_delay_ms, help="with --batching, wait up to this long for more "
       "requests to join a batch (0: take what is waiting)")
-    a("--concurrency", type=int, default=d.concurrency, help="model calls that run at once")
-    a("--threads", type=int, default=None, help="ONNX Runtime threads per model call (default: cores / concurrency)")
+    a("--concurrency", type=int, default=None, help="model calls that run at once (default: one per core)")
+    a("--threads", type=int, default=None, help="ONNX Runtime threads per model call (default: cores / concurrency, "
+      "so 1 by default)")
     a("--poll-s", type=float, default=d.poll_s, help="check the champion alias (or the model file) for changes "
       "every this many seconds (a stat, no read); 0 turns the watcher off (POST /admin/reload still works)")
     a("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"], help="log level")
@@ -408,11 +410,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         except OSError as exc:
             raise SystemExit(f"error: cannot read the token file {args.token_file} ({exc.strerror})") from None
     token = token or os.environ.get(TOKEN_ENV, "").strip() or None
-    for key in ("max_body_bytes", "max_pixels", "max_files", "top_k", "max_batch", "concurrency"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"error: --threads must be at least 1, got {args.threads}")
+    for key in ("max_body_bytes", "max_pixels", "max_files", "top_k", "max_batch", "concurrency", "threads"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {value}")
     if args.batch_delay_ms < 0 or args.poll_s < 0:
         raise SystemExit("error: --batch-delay-ms and --poll-s cannot be negative")
     return Settings(model=args.model, registry=args.registry, name=args.name, host=args.host, port=args.port,

@@ -301,11 +301,13 @@ def test_a_model_that_cannot_be_served_stops_the_server_with_the_reason(tmp_path
 
 # ---- hot swap ----------------------------------------------------------------------------------
 
-def hammer(server: ServerProcess, stop: threading.Event, results: list, limit: int = 5000) -> None:
-    """One client sending binary infers until told to stop (bounded): (status, version) per request."""
+def hammer(server: ServerProcess, stop: threading.Event, results: list, limit: int = 20_000) -> None:
+    """One client sending binary infers until told to stop (at most `limit`): (status, version, label) per request."""
     c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     x = np.full((1, 3, 32, 32), 100, np.uint8)
-    while not stop.is_set() and len(results) < limit:
+    for _ in range(limit):
+        if stop.is_set():
+            break
         try:
             r = infer(c, x, True)
             results.append((200, r.get_response()["model_version"], labels_of(r.as_numpy("probabilities"))[0]))
