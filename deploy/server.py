@@ -264,13 +264,13 @@ def create_app(service: Service, settings: Settings, metrics: Metrics | None = N
               openapi_extra={"requestBody": UPLOAD_BODY})
     async def predict(request: Request, top_k: int | None = None) -> dict:
         check_token(request, settings.token)
-        model = service.model(service.current.name)
+        model = service.current  # captured once, as in infer
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise V2Error(415, "send the images as multipart/form-data, one 'files' part per image")
         async with request.form(max_files=settings.max_files, max_fields=8) as form:
             parts = form.getlist("files") + form.getlist("file")
             if form.get("top_k") is not None and top_k is None:
-                top_k = _positive_int(form.get("top_k"), "top_k")
+                top_k = _as_int(form.get("top_k"), "top_k")
             if not parts:
                 raise V2Error(400, "no images: send one or more 'files' parts (multipart/form-data)")
             files = []
@@ -317,7 +317,7 @@ def create_app(service: Service, settings: Settings, metrics: Metrics | None = N
     return app
 
 
-def _positive_int(value, name: str) -> int:
+def _as_int(value, name: str) -> int:
     try:
         return int(str(value))
     except ValueError:
