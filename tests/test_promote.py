@@ -62,15 +62,25 @@ def test_a_corrupted_candidate_is_never_promoted_and_the_champion_stays(stage):
     onnx = brightness_onnx(stage["tmp"] / "model.onnx", CLASSES)
     data = onnx.read_bytes()
     onnx.write_bytes(data[: len(data) // 2])  # a truncated file: what a failed copy leaves
+    with pytest.raises(Exception, match=r"not a loadable ONNX model"):
+        promote(stage, onnx)
+    assert registry.read_champion(stage["registry"])["version"] == "v0001"
+    assert registry.list_versions(stage["registry"]) == ["v0001"]
+
+
+def test_a_candidate_that_loads_but_cannot_be_served_is_refused_by_the_infra_check(stage):
+    """Its file and metadata read fine, but the server's warm-up batch gives NaN: the server refuses to start."""
+    onnx = brightness_onnx(stage["tmp"] / "model.onnx", CLASSES, threshold=float("nan"))
     with pytest.raises(PromotionRefused, match=r"cannot be served \(the server exited with code 1 before it was ready: "
-                                               r".*not a loadable ONNX model.*\); nothing is registered and the "
-                                               r"champion stays v0001"):
+                                               r".*warm-up outputs are not finite probabilities\); nothing is "
+                                               r"registered and the champion stays v0001"):
         promote(stage, onnx)
     assert registry.read_champion(stage["registry"])["version"] == "v0001"
     assert registry.list_versions(stage["registry"]) == ["v0001"]
     report = json.loads((stage["tmp"] / "promote.json").read_text())
     assert report["promoted"] is False and report["registered"] is False and report["champion"] == "v0001"
-    assert "not a loadable ONNX model" in report["infra_check"]["reason"]
+    assert "warm-up outputs are not finite" in report["infra_check"]["reason"]
+    assert report["infra_check"]["server_log_tail"]  # the server's own last words are kept
 
 
 def test_a_candidate_whose_served_labels_differ_from_the_evaluation_is_refused(stage):
