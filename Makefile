@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean prefect-up deploy prefect-down
+.PHONY: setup run test test-fast bench browser clean prefect-up deploy prefect-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +19,7 @@ setup: $(VENV)/.installed  ## create .venv and install the project with its dev 
 run: setup  ## the whole pipeline as a Prefect flow, each stage through DVC
 	$(VENV)/bin/finetune run
 
-test: setup  ## full suite, end-to-end tests included
+test: setup browser  ## full suite, end-to-end tests included
 	$(PY) -m pytest
 
 test-fast: setup  ## everything but the slow end-to-end tests
@@ -28,6 +28,16 @@ test-fast: setup  ## everything but the slow end-to-end tests
 bench: setup  ## benchmarks (print a table, write JSON to bench/results/)
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_serving.py
+
+# The web page's browser test drives Debian's chromium through Playwright (never `playwright install`, which
+# downloads a browser). Installed with apt-get when missing and running as root (CI); otherwise the test is skipped
+# locally and says how to install it.
+browser:  ## Debian's chromium for the browser test (apt-get, non-interactive, when missing)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	  else echo "chromium is missing: sudo apt-get install chromium (the browser test is skipped without it)"; fi; }
 
 prefect-up: setup  ## a local Prefect server (dashboard: http://127.0.0.1:4200) and a process worker, in the background
 	$(VENV)/bin/finetune prefect up

@@ -1,5 +1,15 @@
-"""Serving of exported ONNX models (KServe v2 protocol, hot swap) lands here in a later issue.
+"""Serving of exported ONNX models: the model server (KServe v2 protocol, upload endpoint, web page, hot swap
+on the registry's champion), batch prediction, and Triton / KServe / container files.
 
-It builds on `tasks.inference` (ONNX Runtime session, metadata, the preprocessing contract, batch
-prediction) and `tasks.registry` (the champion alias): neither imports torch or prefect.
+Built on `tasks.inference` (ONNX Runtime session, metadata, the preprocessing contract, batch prediction) and
+`tasks.registry` (the champion alias): neither imports torch or prefect, and neither does anything here, so the
+serving container stays small (deploy/Dockerfile). docs/serving.md is the guide.
+
+    protocol     the v2 wire format (JSON and binary tensors), pure functions
+    batching     running the model for concurrent requests (micro-batching on or off)
+    service      the served model: preprocess -> predict -> postprocess, and the hot swap
+    observability  Prometheus metrics, JSON logs, the access log
+    server       the FastAPI app and `python -m deploy.server`
+    predict      `finetune predict` (streaming batch prediction)
+    triton       `finetune export-triton` (a Triton model repository)
 """

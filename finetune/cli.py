@@ -309,6 +309,106 @@ def registry_add(
     typer.echo(f"{'registered as' if created else 'already registered as'} {version}  [{root}]")
 
 
+# ---- serving (deploy/) --------------------------------------------------------------------------
+
+
+@app.command("serve", context_settings=PASS_THROUGH, add_help_option=False)
+def serve_cmd(ctx: typer.Context) -> None:
+    """Serve a model on the KServe v2 protocol (+ upload endpoint, web page, /metrics), following the registry's
+    champion (hot swap on promote/rollback). Options: `finetune serve --help` (the same as `python -m deploy.server`);
+    --registry defaults to registry.root from params.yaml."""
+    from deploy.server import main as server_main
+
+    args = list(ctx.args)
+    wants_help = any(a in ("-h", "--help") for a in args)
+    if not wants_help and not any(a in ("--registry", "-r") or a.startswith("--registry=") for a in args):
+        args = ["--registry", str(_registry_root(Path("params.yaml")))] + args
+    raise typer.Exit(server_main(args, prog="finetune serve"))
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(
+    model: Annotated[str, typer.Argument(help="An ONNX file exported by this pipeline, a registry version (3, v3, "
+                                              "v0003) or 'champion'.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files, folders (walked recursively) and manifests "
+                                                     "(.csv/.parquet with a 'path' column).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write predictions here: .csv, .json or .jsonl "
+                                                "(atomically). Default: CSV on stdout.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Folder that manifest paths are relative to (default: the "
+                                                 "manifest's folder; data/images for the pipeline's manifests).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding images.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 32,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (on a terminal).")] = True,
+    params: ParamsOpt = Path("params.yaml"),
+    registry_: RegistryOpt = None,
+    dask_workers: DaskWorkersOpt = None,
+    dask_address: DaskAddressOpt = None,
+) -> None:
+    """Predict labels for many images with an exported model: streaming (memory stays flat), the server's decode
+    path and model, so the same labels as `finetune serve`. Exit 1 if some files could not be read (their rows
+    carry the error).
+
+    With --dask-workers/--dask-address (or orchestration.dask_* in params.yaml) one folder is split into chunks
+    and predicted by the `batch-predict` flow on a Dask cluster, writing a CSV."""
+    p = _params(params) if params.exists() else Params()
+    workers_dask, address = _dask(p, dask_workers, dask_address)
+    if workers_dask > 0 or address:
+        _predict_on_dask(model, paths, out, _registry_root(params, p, registry_), workers_dask, address)
+        return
+    from deploy.predict import predict
+
+    summary = predict(model, list(paths), out, _registry_root(params, override=registry_), root=root,
+                      workers=workers, batch_size=batch_size, progress=progress)
+    where = f" to {summary.out}" if summary.out != "-" else ""
+    typer.echo(f"{summary.images} predictions{where} (model {summary.version or summary.model})", err=True)
+    if summary.errors:
+        raise RuntimeError(f"{summary.errors} of {summary.images} files could not be read (see the error column)")
+
+
+def _predict_on_dask(model: str, paths: list[Path], out: Path | None, registry_root: Path, workers: int,
+                     address: str | None) -> None:
+    from deploy.service import Source
+    from finetune.local_prefect import prefect_api
+    from flows.scale import predict
+
+    if len(paths) != 1 or not paths[0].is_dir():
+        raise ValueError("on Dask, predict takes one image folder (got: " + ", ".join(map(str, paths)) + ")")
+    if out is None or out.suffix.lower() != ".csv":
+        raise ValueError("on Dask, predict writes a CSV: give --out FILE.csv")
+    onnx, _version, _card = Source.parse(model, registry_root).locate()
+    with prefect_api(Path(".")):
+        summary = predict(str(onnx), str(paths[0]), str(out), workers, address)
+    typer.echo(f"{summary['images']} images predicted with {onnx} ({summary['failed']} unreadable): {out}", err=True)
+    if summary["failed"]:
+        raise RuntimeError(f"{summary['failed']} of {summary['images']} files could not be read (see the error column)")
+
+
+@app.command("export-triton")
+@friendly
+def export_triton_cmd(
+    model: Annotated[str, typer.Argument(help="An ONNX file exported by this pipeline, a registry version or "
+                                              "'champion'.")] = "champion",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The Triton model repository folder.")] = Path("triton"),
+    name: Annotated[str, typer.Option(help="Model name (its folder in the repository; the /v2/models/NAME in URLs).")]
+    = "classifier",
+    max_batch_size: Annotated[int, typer.Option(min=0, help="Triton's max_batch_size (0: no batching).")] = 32,
+    queue_delay_us: Annotated[int, typer.Option(min=0, help="Dynamic batching: max queue delay (microseconds).")]
+    = 100,
+    instances: Annotated[int, typer.Option(min=1, help="CPU model instances.")] = 1,
+    force: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    registry_: RegistryOpt = None,
+) -> None:
+    """Write a Triton Inference Server model repository (config.pbtxt with platform onnxruntime_onnx and dynamic
+    batching, labels.txt, VERSION/model.onnx); KServe's ONNX runtime serves the same folder."""
+    from deploy.triton import export
+
+    done = export(model, out, _registry_root(params, override=registry_), name=name, max_batch_size=max_batch_size,
+                  queue_delay_us=queue_delay_us, instances=instances, force=force)
+    typer.echo(f"wrote {done.model_dir} (version {done.version}): tritonserver --model-repository {out}")
+
+
 @app.command("models")
 @friendly
 def list_models(
@@ -329,40 +429,6 @@ def list_models(
                f"Hugging Face cache (timm): {hf_cache_dir()}\n"
                "Also: any timm architecture or torchvision model with model.weights=<path or URL> and model.sha256 "
                "(source timm/checkpoint or torchvision). Offline: FINETUNE_OFFLINE=1.")
-
-
-@app.command("predict")
-@friendly
-def predict_cmd(
-    images: Annotated[Path, typer.Argument(help="A folder of images (searched recursively).")],
-    model: Annotated[Optional[Path], typer.Option(help="An exported ONNX model; default: the registry's champion.")] = None,
-    out: Annotated[Path, typer.Option(help="The predictions CSV (path, label, p_<class>..., error).")] = Path(
-        "predictions.csv"),
-    params: ParamsOpt = Path("params.yaml"),
-    registry_: RegistryOpt = None,
-    dask_workers: DaskWorkersOpt = None,
-    dask_address: DaskAddressOpt = None,
-) -> None:
-    """Batch prediction: every image under a folder through an exported model (default: the champion).
-
-    In chunks, by the `batch-predict` flow (on Dask with --dask-workers/--dask-address). An unreadable image
-    gets a row with the error."""
-    from contextlib import nullcontext
-
-    from finetune.local_prefect import prefect_api
-    from flows.scale import predict
-    from tasks import registry
-    from tasks.images import DEFAULT_MAX_PIXELS
-
-    p = _params(params) if params.exists() else Params()
-    if model is None:
-        model = registry.champion_model(_registry_root(params, p, registry_))
-        if model is None:
-            raise registry.RegistryError("the registry has no champion: give --model MODEL.onnx")
-    workers, address = _dask(p, dask_workers, dask_address)
-    with prefect_api(Path(".")) if workers > 0 or address else nullcontext():
-        summary = predict(str(model), str(images), str(out), workers, address, DEFAULT_MAX_PIXELS)
-    typer.echo(f"{summary['images']} images predicted with {model} ({summary['failed']} unreadable): {out}")
 
 
 # ---- Prefect: a local server and worker, the deployments of prefect.yaml --------------------

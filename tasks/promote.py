@@ -6,6 +6,10 @@ model's checkpoint and the predictions must be the ones the gate judged); a cham
 since the gate compared against it (unless it is the same checkpoint, exported again); a candidate
 whose checkpoint a person rolled back (it stays rolled back until someone promotes it by hand).
 Registering is idempotent (the same ONNX file, by sha256, is never a second version).
+
+Before anything is registered, the infra check (`tasks.serving_check`) serves the candidate with the
+real server in a subprocess and requires the evaluation's labels for real test images: a candidate
+that cannot be served is refused, nothing is registered and the champion stays.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import logging
 from argparse import Namespace
 from pathlib import Path
 
-from tasks import registry
-from tasks.entry import stage_main
+from tasks import registry, serving_check
+from tasks.entry import Option, stage_main
 from tasks.files import read_json, sha256_file, write_json
 from tasks.inference import read_metadata
 from tasks.params import Params
@@ -88,10 +92,13 @@ def check_candidate(verdict: dict, verdict_path: Path, onnx_meta: dict, predicti
 
 
 def run(onnx_path: Path, int8_dir: Path, model_card: Path, verdict_path: Path, metrics_path: Path,
-        predictions_path: Path, registry_root: Path, report_path: Path) -> dict:
+        predictions_path: Path, registry_root: Path, report_path: Path, *, images_dir: Path,
+        infra_images: int = 8, infra_timeout_s: float = 180.0) -> dict:
     verdict = read_json(verdict_path)
     onnx_meta = onnx_metadata(onnx_path)
     expected = check_candidate(verdict, verdict_path, onnx_meta, predictions_path, registry_root)
+    infra = infra_check(onnx_path, predictions_path, images_dir, registry_root, report_path, infra_images,
+                        infra_timeout_s)
     metrics = read_json(metrics_path)
     champion_block = verdict.get("champion") or {}
     metadata = {
@@ -108,11 +115,29 @@ def run(onnx_path: Path, int8_dir: Path, model_card: Path, verdict_path: Path, m
                                      expected=expected)
     report = {"version": version, "registered": created, "promoted": changed, "champion": alias["version"],
               "previous_champion": alias["history"][-1] if alias["history"] else None,
-              "registry": str(registry_root), "onnx_sha256": registry.read_metadata(registry_root, version)["onnx_sha256"]}
+              "registry": str(registry_root), "onnx_sha256": registry.read_metadata(registry_root, version)["onnx_sha256"],
+              "infra_check": infra}
     write_json(report_path, report)
     log.info("promote: %s %s; champion is now %s (registry %s)", version,
              "registered" if created else "already registered", alias["version"], registry_root)
     return report
+
+
+def infra_check(onnx_path: Path, predictions_path: Path, images_dir: Path, registry_root: Path, report_path: Path,
+                n_images: int, timeout_s: float) -> dict:
+    """Serve the candidate for real before it may be registered; refuse it (report written) if it cannot be."""
+    warmup = serving_check.pick_warmup(predictions_path, images_dir, n_images)
+    log.info("promote: infra check: serving %s with the real server, %d test images", onnx_path, len(warmup))
+    infra = serving_check.check_candidate(onnx_path, warmup, timeout_s)
+    if infra["passed"]:
+        log.info("promote: infra check passed: %s", infra["reason"])
+        return infra
+    champion = registry.read_champion(registry_root) if Path(registry_root).exists() else None
+    write_json(report_path, {"version": None, "registered": False, "promoted": False,
+                             "champion": champion["version"] if champion else None, "registry": str(registry_root),
+                             "infra_check": infra})
+    raise PromotionRefused(f"{onnx_path} cannot be served ({infra['reason']}); nothing is registered and the champion "
+                           f"stays {champion['version'] if champion else 'none'} (infra check in {report_path})")
 
 
 def register_file(onnx_path: Path, registry_root: Path, model_card: Path | None = None,
@@ -129,15 +154,21 @@ def register_file(onnx_path: Path, registry_root: Path, model_card: Path | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, onnx_path="models/model.onnx", int8_dir="models/int8",
+    stage_main(__name__, __doc__, argv, _from_params,
+               Option(("--infra-images",), {"type": int, "default": 8, "help": "test images the infra check sends"}),
+               Option(("--infra-timeout",), {"type": float, "default": 180.0,
+                                             "help": "seconds the candidate's server may take to become ready"}),
+               onnx_path="models/model.onnx", int8_dir="models/int8",
                model_card="models/model_card.md", verdict="reports/gate/verdict.json",
                metrics="reports/eval/metrics.json", predictions="reports/eval/predictions.csv",
+               images=("data/images", "test images (the infra check sends some to the candidate's server)"),
                report=("reports/promote.json", "what was registered and promoted (output)"))
 
 
 def _from_params(p: Params, args: Namespace) -> None:
     run(args.onnx_path, args.int8_dir, args.model_card, args.verdict, args.metrics, args.predictions,
-        registry.resolve_root(args.params, p.registry.root), args.report)
+        registry.resolve_root(args.params, p.registry.root), args.report, images_dir=args.images,
+        infra_images=args.infra_images, infra_timeout_s=args.infra_timeout)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,14 @@ def stage_modules() -> dict[str, str]:
     return out
 
 
-EXTRA_CODE = {"export": ["tasks/export/model_card.md.j2"]}  # code a stage reads besides its modules
+def extra_code(stage: str) -> list[str]:
+    """Code a stage runs besides the modules it imports: files it reads (the model card template), and the serving
+    code the promote stage's infra check starts as a subprocess (`python -m deploy.server`), not by import."""
+    if stage == "export":
+        return ["tasks/export/model_card.md.j2"]
+    if stage == "promote":
+        return sorted(files(closure("deploy.server")))
+    return []
 
 
 def rewrite_dvc_yaml() -> None:
@@ -130,7 +137,7 @@ def rewrite_dvc_yaml() -> None:
         if stage and line.strip().startswith("# code: exactly"):
             while i < len(lines) and re.match(r"^      - (tasks|flows|deploy|finetune)/", lines[i]):
                 i += 1
-            out += [f"      - {f}" for f in sorted(files(closure(modules[stage]))) + EXTRA_CODE.get(stage, [])]
+            out += [f"      - {f}" for f in sorted(set(files(closure(modules[stage]))) | set(extra_code(stage)))]
     (REPO / "dvc.yaml").write_text("\n".join(out) + "\n")
 
 
@@ -139,6 +146,6 @@ if __name__ == "__main__":
         rewrite_dvc_yaml()
     for stage, module in stage_modules().items():
         print(f"{stage}:")
-        for f in sorted(files(closure(module))) + EXTRA_CODE.get(stage, []):
+        for f in sorted(set(files(closure(module))) | set(extra_code(stage))):
             print(f"  - {f}")
     sys.exit(0)

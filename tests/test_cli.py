@@ -28,7 +28,8 @@ def one_line_error(proc, *needles):
 
 
 HELP = {  # command -> what its help must mention (its own options and arguments)
-    (): ["run", "validate", "stage", "registry", "promote", "rollback", "models", "params"],
+    (): ["run", "validate", "stage", "registry", "promote", "rollback", "models", "params", "serve", "predict",
+         "export-triton"],
     ("run",): ["--set", "--params", "--workdir"],
     ("validate",): ["PATH", "--out", "--params"],
     ("stage",): ["ingest", "validate", "fetch-model", "train", "evaluate", "gate", "export", "promote"],
@@ -36,13 +37,16 @@ HELP = {  # command -> what its help must mention (its own options and arguments
     ("stage", "train"): ["--manifest", "--checkpoint", "--state", "--no-resume", "torchrun"],
     ("stage", "gate"): ["--metrics", "--predictions", "--out-dir"],
     ("stage", "export"): ["--onnx-path", "--int8-dir", "--model-card"],
-    ("stage", "promote"): ["--onnx-path", "--verdict", "--report"],
+    ("stage", "promote"): ["--onnx-path", "--verdict", "--report", "--images", "--infra-images"],
     ("promote",): ["VERSION", "--registry"],
     ("rollback",): ["--registry"],
     ("registry",): ["list", "add"],
     ("registry", "list"): ["--registry"],
     ("registry", "add"): ["ONNX_PATH", "--model-card", "--note"],
     ("params",): ["defaults"],
+    ("serve",): ["--model", "--registry", "--host", "--port", "--token-file", "--batching", "--max-body-bytes"],
+    ("predict",): ["MODEL", "PATHS", "--out", "--root", "--registry"],
+    ("export-triton",): ["MODEL", "--out", "--name", "--max-batch-size"],
 }
 
 

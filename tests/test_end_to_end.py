@@ -76,6 +76,8 @@ def test_dvc_repro_produces_a_gated_verified_model(repro_project):
     export = read(root, "reports/export.json")
     assert export["passed"] and export["top1_agreement"] == 1.0
     assert read(root, "reports/validation/validation.json")["success"] is True
+    infra = read(root, "reports/promote.json")["infra_check"]  # the real server served the candidate first
+    assert infra["passed"] and infra["checked"] and all(c["expected"] == c["infer"] for c in infra["checked"])
     assert (root / "reports/validation/docs").is_dir()
     history = (root / "reports/train/history.csv").read_text().splitlines()
     assert history[0].startswith("stage,") and len(history) == 1 + 3  # header + one row per epoch
@@ -103,6 +105,8 @@ UPSTREAM_OF_GATE = {"ingest", "validate", "fetch_model", "train", "evaluate"}
     ("tasks/export/model_card.md.j2", "{# a reworded comment #}", {"export"}, UPSTREAM_OF_GATE | {"gate"}),
     ("tasks/metrics.py", "# a reworded comment near McNemar's test", {"train", "evaluate", "gate", "export"},
      {"ingest", "validate", "fetch_model"}),
+    # the server the promote stage's infra check runs (a subprocess, not an import): the check runs again
+    ("deploy/server.py", "# a reworded comment", {"promote"}, UPSTREAM_OF_GATE | {"gate", "export"}),
 ])
 def test_a_comment_reruns_only_the_stages_that_run_that_code(repro_project, path, comment, must_run, must_not_run):
     """A stage depends on exactly the code it runs: rewording the ingest module reruns ingest (its outputs are

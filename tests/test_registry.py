@@ -163,12 +163,14 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
 def exported(tmp_path):
     """What the export stage leaves: an ONNX model with metadata, a card, and the gate's verdict."""
     from tasks.files import sha256_file, write_json
-    from tests.conftest import brightness_onnx
+    from tests.conftest import brightness_onnx, make_dataset
 
     out = tmp_path / "ws"
     (out / "int8").mkdir(parents=True)
     (out / "model_card.md").write_text("# card")
-    (out / "predictions.csv").write_text("path,actual,predicted\n")
+    make_dataset(out / "images", classes=("dim", "lit"), per_class=1, size=32)  # one dark, one bright test image
+    (out / "predictions.csv").write_text("path,actual,predicted,p_bright,p_dark\n"
+                                         "dim/000.png,dark,dark,0.1,0.9\nlit/000.png,bright,bright,0.9,0.1\n")
     candidate = {"checkpoint_sha256": "c" * 64, "predictions_sha256": sha256_file(out / "predictions.csv")}
     brightness_onnx(out / "model.onnx", ["bright", "dark"], extra={"candidate": json.dumps(candidate)})
     write_json(out / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.88, "n": 10, "ci": {"accuracy": [0.8, 1.0]}})
@@ -181,7 +183,7 @@ def promote_stage(ws: Path, root: Path) -> dict:
     from tasks import promote
 
     return promote.run(ws / "model.onnx", ws / "int8", ws / "model_card.md", ws / "verdict.json", ws / "metrics.json",
-                       ws / "predictions.csv", root, ws / "promote.json")
+                       ws / "predictions.csv", root, ws / "promote.json", images_dir=ws / "images")
 
 
 def test_promote_stage_registers_once_and_moves_the_alias(exported, tmp_path):

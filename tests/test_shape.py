@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from tests.importgraph import (
-    EXTRA_CODE,
     REPO,
     closure,
+    extra_code,
     files,
     find_cycle,
     imports_of,
@@ -38,7 +38,7 @@ def dvc_code_deps(stage: str) -> set[str]:
 @pytest.mark.parametrize("stage", list(stage_modules()))
 def test_each_dvc_stage_lists_exactly_the_code_it_runs(stage):
     module = stage_modules()[stage]
-    expected = files(closure(module)) | set(EXTRA_CODE.get(stage, []))
+    expected = files(closure(module)) | set(extra_code(stage))
     listed = dvc_code_deps(stage)
     assert listed == expected, (f"dvc.yaml stage '{stage}': missing {sorted(expected - listed)}, "
                                 f"not run {sorted(listed - expected)} (`python -m tests.importgraph --write` fixes dvc.yaml)")
@@ -87,7 +87,8 @@ def test_no_module_shadows_the_standard_library():
     assert not shadows, shadows
 
 
-@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry"])
+@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry", "tasks.serving_check",
+                                    "deploy.server", "deploy.predict", "deploy.triton"])
 def test_consumer_modules_import_neither_torch_nor_prefect(module):
     """What serving needs loads in a fresh interpreter without torch or prefect (a small serving image)."""
     code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'prefect', 'torchvision', 'timm') "

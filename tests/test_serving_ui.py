@@ -1,0 +1,73 @@
+"""The web page in a real headless browser: Debian's chromium (apt; `make test` installs it) driven by
+Playwright through `executable_path` (never `playwright install`). Upload an image, see the model's label."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from tasks import registry
+from tests.test_serving import make_registry, start
+
+pytestmark = pytest.mark.slow
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+                             shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make browser` installs Debian's chromium with apt-get")
+        pytest.skip("chromium is not installed (`make browser` installs it with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                              "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+def png(level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (64, 48), level).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_upload_images_in_the_page_and_see_the_models_labels(browser, tmp_path):
+    reg = make_registry(tmp_path / "registry", tmp_path)
+    server = start(reg, "--poll-s", "0.1")
+    page = browser.new_page()
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model-version').textContent === 'v0001'")
+        assert page.text_content("#model-classes") == "bright, dark"
+        assert "uint8 RGB 32x32" in page.text_content("#model-input")
+        page.set_input_files("#files", files=[
+            {"name": "white.png", "mimeType": "image/png", "buffer": png(250)},
+            {"name": "black.png", "mimeType": "image/png", "buffer": png(5)},
+            {"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"},
+        ])
+        white = page.wait_for_selector('.result[data-filename="white.png"][data-label]')
+        black = page.wait_for_selector('.result[data-filename="black.png"][data-label]')
+        broken = page.wait_for_selector('.result[data-filename="broken.png"][data-error]')
+        assert white.get_attribute("data-label") == "bright" and black.get_attribute("data-label") == "dark"
+        assert white.get_attribute("data-version") == "v0001"
+        assert "upload broken.png: cannot decode" in broken.text_content()
+        assert "%" in white.text_content()  # the top-k probabilities are shown
+
+        registry.promote(reg, "2")  # a hot swap shows up in the page without a reload
+        page.wait_for_function("document.getElementById('model-version').textContent === 'v0002'", timeout=30_000)
+        page.set_input_files("#files", files=[{"name": "grey.png", "mimeType": "image/png", "buffer": png(100)}])
+        grey = page.wait_for_selector('.result[data-filename="grey.png"][data-label]')
+        assert grey.get_attribute("data-label") == "bright" and grey.get_attribute("data-version") == "v0002"
+        page.screenshot(path=str(tmp_path / "page.png"))
+    finally:
+        page.close()
+        server.stop()
+        server.cleanup()
