@@ -42,15 +42,17 @@ def dvc(*args, cwd, check=True):
     return sh(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
 
 
-def new_project(root: Path) -> Path:
-    """A fresh git + DVC repository holding this project's pipeline and a tiny image folder."""
+def new_project(root: Path, tiny: bool = True) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline and (`tiny`) a tiny image folder with params
+    for it; tiny=False: params.yaml exactly as shipped, no data."""
     root.mkdir(parents=True)
     for name in ("tasks", "flows", "deploy", "finetune"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    make_dataset(root / "raw", per_class=24, size=64, mislabeled=3)
-    write_overrides(root / "params.yaml", TINY)
+    if tiny:
+        make_dataset(root / "raw", per_class=24, size=64, mislabeled=3)
+        write_overrides(root / "params.yaml", TINY)
     sh("git", "init", "-q", cwd=root)
     dvc("init", "-q", cwd=root)
     return root
@@ -204,14 +206,19 @@ def finetune_cli(*args, cwd):
 def test_gates_keep_a_bad_candidate_out_and_promote_a_better_one(tmp_path):
     """Run 1 becomes champion v0001; run 2 with a bound set too high fails with a readable reason and
     leaves model.onnx and the champion alone; run 3 (better) is kept out while significance is
-    required (12 test images cannot show it), then becomes v0002; `finetune rollback` restores v0001."""
+    required (12 test images cannot show it at the level asked), then becomes v0002; `finetune rollback`
+    restores v0001."""
     from tasks import registry
     from tasks.files import sha256_file
 
     root = new_project(tmp_path / "gates")
     reg = root / "registry"
-    # head-only training and no INT8 keep the three runs short
-    write_overrides(root / "params.yaml", ["gates.champion.max_drop=0.01", "train.stages.1.epochs=0", "export.int8=false"])
+    # run 1: weak by construction (one head-only epoch at a learning rate too small to move the head), with
+    # absolute gates open so it still becomes the champion; head-only training and no INT8 keep the runs short
+    weak = ["train.stages.0.epochs=1", "train.stages.0.lr=0.000001", "gates.min.accuracy=0", "gates.min.macro_recall=0",
+            "gates.min.macro_f1=0", "gates.per_class_recall_floor=0"]
+    write_overrides(root / "params.yaml", weak + ["gates.champion.max_drop=0.01", "train.stages.1.epochs=0",
+                                                  "export.int8=false"])
     dvc("repro", cwd=root)
     first = read(root, "reports/eval/metrics.json")
     assert read(root, "reports/promote.json")["champion"] == "v0001"
@@ -228,15 +235,19 @@ def test_gates_keep_a_bad_candidate_out_and_promote_a_better_one(tmp_path):
     assert sha256_file(root / "models/model.onnx") == onnx_sha
     assert registry.read_champion(reg)["version"] == "v0001" and registry.list_versions(reg) == ["v0001"]
 
-    # run 3: a recipe that is better on this data (one head-only epoch at lr 0.01 beats the default tiny recipe)
-    better = ["gates.min.accuracy=0.5", "train.stages.0.epochs=1", "train.stages.0.lr=0.01", "train.stages.1.epochs=0"]
-    write_overrides(root / "params.yaml", better + ["gates.champion.require_significant=true"])
+    # run 3: the tiny projects' usual head-only recipe (two epochs at lr 0.03), which learns this data
+    better = ["gates.min.accuracy=0", "train.stages.0.epochs=2", "train.stages.0.lr=0.03"]
+    # McNemar on 12 test images can never reach p < 1e-6 (the smallest two-sided mid-p is about 2e-4)
+    never_significant = ["gates.champion.require_significant=true", "gates.champion.test=mcnemar",
+                         "gates.champion.metric=accuracy", "gates.champion.alpha=0.000001"]
+    write_overrides(root / "params.yaml", better + never_significant)
     kept_out = dvc("repro", cwd=root, check=False)
     second = read(root, "reports/eval/metrics.json")
-    assert second["macro_f1"] > first["macro_f1"], (first, second)  # if training changed, pick another 'better' recipe
+    assert second["macro_f1"] > first["macro_f1"], (first, second)
     assert kept_out.returncode != 0 and "not a significant improvement" in kept_out.stdout + kept_out.stderr
     assert registry.read_champion(reg)["version"] == "v0001"
-    write_overrides(root / "params.yaml", ["gates.champion.require_significant=false"])
+    write_overrides(root / "params.yaml", ["gates.champion.require_significant=false", "gates.champion.test=bootstrap",
+                                           "gates.champion.metric=macro_f1", "gates.champion.alpha=0.05"])
     dvc("repro", cwd=root)
     verdict = read(root, "reports/gate/verdict.json")
     assert verdict["passed"] and verdict["champion"]["version"] == "v0001" and verdict["champion"]["delta"] > 0

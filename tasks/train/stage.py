@@ -91,7 +91,8 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
                                on_epoch=lambda h: write_history(history_path, h))
     wall = time.time() - t0
     summary = {"best": best, "wall_time_s": round(wall, 1), "image_size": size, "device": str(device),
-               "processes": dist.world, "n_train": len(train_x), "n_val": len(val_x), "epochs": len(history)}
+               "processes": dist.world, "n_train": len(train_x), "n_val": len(val_x), "epochs": len(history),
+               "augment": list(params.augment)}
     if dist.main:
         save_checkpoint(checkpoint_path, model, Checkpoint(
             classes=classes, preprocessing=preprocessing, base=base_meta,
