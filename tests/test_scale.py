@@ -64,3 +64,22 @@ def test_finetune_validate_with_dask_workers_reports_what_the_plain_run_reports(
 
     assert report("dask") == report("plain")
     assert (tmp_path / "dask" / "manifest.csv").read_bytes() == (tmp_path / "plain" / "manifest.csv").read_bytes()
+
+
+def test_finetune_predict_on_dask_gives_the_labels_of_the_streaming_path(images, tmp_path):
+    model = brightness_onnx(tmp_path / "bright.onnx", ["bright", "dark"])
+    plain = finetune("predict", str(model), str(images), "--out", str(tmp_path / "plain.csv"), "--no-progress",
+                     cwd=tmp_path)
+    dask = finetune("predict", str(model), str(images), "--out", str(tmp_path / "dask.csv"), "--dask-workers", "2",
+                    cwd=tmp_path)
+    assert plain.returncode == dask.returncode == 1, dask.stderr[-2000:]  # two unreadable files, rows kept
+    assert "2 of 62 files could not be read" in dask.stderr
+
+    def labels(name: str) -> dict:
+        rows = pd.read_csv(tmp_path / name, dtype=str, keep_default_na=False)
+        return {Path(p).relative_to(images).as_posix(): (lab, err != "") for p, lab, err in
+                zip(rows["path"], rows["label"], rows["error"])}
+
+    assert labels("dask.csv") == labels("plain.csv")
+    refused = finetune("predict", str(model), str(images / "dark" / "000.png"), "--dask-workers", "2", cwd=tmp_path)
+    assert refused.returncode != 0 and "on Dask, predict takes one image folder" in refused.stderr
