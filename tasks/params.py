@@ -158,6 +158,9 @@ class StageParams(Strict):
         "eligible as the best checkpoint)")
 
 
+# where training data lives and the memory budget: they change no result, so a saved state resumes across them
+PLACEMENT_KEYS = {"data_store", "feature_store", "memory_budget_mb", "memory_fraction"}
+
 DEFAULT_STAGES = [
     StageParams(name="frozen", epochs=2, trainable="head", lr=0.003, backbone_lr_mult=0.0, weight_decay=0.0001,
                 optimizer="adamw", schedule="cosine", warmup_epochs=0, bn="eval", image_scale=1.0),
@@ -186,6 +189,18 @@ class TrainParams(Strict):
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.0, "cross-entropy label smoothing")
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(0.0, "max gradient norm; 0 = off")
     cache_features: bool = doc(True, "cache outputs of frozen layers per augmentation variant (same result, faster)")
+    data_store: Literal["auto", "ram", "disk"] = doc(
+        "auto", "where decoded train/val images live while training: ram (one uint8 tensor) | disk (a decoded-image "
+        "store, built once per data version and size, read in batches: the same weights, memory flat in the number of "
+        "images; docs/scale.md) | auto = ram when the run fits memory_budget_mb, else disk")
+    feature_store: Literal["auto", "ram", "disk"] = doc(
+        "auto", "where the feature cache lives: ram | disk (scratch files, read back exactly) | auto = ram when it fits "
+        "memory_budget_mb, else disk, else (no room on disk either) frozen layers are recomputed every step")
+    memory_budget_mb: Annotated[int, Field(ge=0)] = doc(
+        0, "memory one training process may use (MB); 0 = memory_fraction of this machine's RAM. Checked before "
+        "training: a run that cannot fit fails at once, naming the numbers")
+    memory_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = doc(
+        0.5, "memory_budget_mb: 0 means this fraction of the machine's RAM")
     select_metric: Literal["macro_f1", "accuracy", "macro_recall", "loss"] = doc(
         "macro_f1", "validation metric that picks the best checkpoint: macro_f1 | accuracy | macro_recall | loss")
     early_stopping_patience: Annotated[int, Field(ge=0)] = doc(

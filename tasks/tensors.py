@@ -37,10 +37,16 @@ def split_arrays(manifest: pd.DataFrame, images_dir: Path, split: str, classes: 
                  workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and label indices of one split of a manifest."""
     rows = manifest[manifest["split"] == split]
-    index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[str(label)] for label in rows["label"]], dtype=torch.long)
+    labels = split_labels(manifest, split, classes)
     images = decode_images([Path(images_dir) / p for p in rows["path"]], size, workers, f"decode {split}", max_pixels)
     return images, labels
+
+
+def split_labels(manifest: pd.DataFrame, split: str, classes: list[str]) -> torch.Tensor:
+    """The label indices (long) of one split's rows, in manifest order."""
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[str(label)] for label in manifest.loc[manifest["split"] == split, "label"]],
+                        dtype=torch.long)
 
 
 def standardise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -90,6 +90,11 @@ def epoch_order(n: int, sample_weight: torch.Tensor | None, gen: torch.Generator
     return torch.randperm(n, generator=gen)
 
 
+def stage_size(full: int, scale: float) -> int:
+    """The image size of a stage at `image_scale` `scale` (a multiple of 8, at least 32)."""
+    return full if scale == 1.0 else max(32, int(round(full * scale / 8)) * 8)
+
+
 def resize_batch(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> uint8 (N, 3, size, size), bilinear with antialiasing, in chunks."""
     if images.shape[-1] == size:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tasks.crashpoints import crash_point
 from tasks.device import pick_precision
+from tasks.imagestore import ImageStore, derived
 from tasks.metrics import classification_metrics
 from tasks.params import StageParams, TrainParams
 from tasks.train import state as saved_state
@@ -33,6 +34,7 @@ from tasks.train.augment import (
     epoch_order,
     prepare,
     resize_batch,
+    stage_size,
     variants_for,
 )
 from tasks.train.optim import make_optimizer, make_scheduler, param_groups
@@ -57,7 +59,7 @@ log = logging.getLogger("tasks.train")
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, 3, S, S)
+    images: torch.Tensor | ImageStore  # uint8 (N, 3, S, S), in memory or on disk (the same values either way)
     labels: torch.Tensor  # long (N,)
 
 
@@ -66,6 +68,7 @@ class Data:
     classes: list[str]
     train: Split
     val: Split
+    feature_spill: Path | None = None  # a folder: cached features live in scratch files there, not in memory
 
 
 @dataclass
@@ -138,7 +141,7 @@ def fit(model: nn.Module, data: Data, params: TrainParams, mean: list[float], st
         torch.manual_seed(seed + 7919 * dist.rank)  # dropout masks: independent per rank
     run.aug_gen = torch.Generator().manual_seed(seed + 1000 * (dist.rank + 1))
     model.to(device).to(memory_format=torch.channels_last)
-    if device.type == "cuda":
+    if device.type == "cuda" and isinstance(data.train.images, torch.Tensor):
         data.train.images, data.val.images = data.train.images.pin_memory(), data.val.images.pin_memory()
     progress, best_weights = saved_state.Progress(), copy.deepcopy(model.state_dict())
     resume = saved_state.load(saving.path, saving.fingerprint) if saving.path is not None and saving.resume else None
@@ -163,13 +166,14 @@ def start_stage(run: Run, index: int, stage: StageParams, previous: torch.optim.
     params, device = run.params, run.device
     full_train, full_val = run.data.train.images, run.data.val.images
     full = full_train.shape[-1]
-    size = full if stage.image_scale == 1.0 else max(32, int(round(full * stage.image_scale / 8)) * 8)
-    train_x, val_x = resize_batch(full_train, size), resize_batch(full_val, size)
+    size = stage_size(full, stage.image_scale)
+    train_x, val_x = resized(full_train, size), resized(full_val, size)
     staged = StagedModel(run.model, stage.trainable, stage.bn)
     use_cache = params.cache_features and staged.cacheable and not run.extra_aug
 
     def cache(images):
-        return FeatureCache(staged, images, run.mean, run.std, device, params.batch_size, run.precision)
+        return FeatureCache(staged, images, run.mean, run.std, device, params.batch_size, run.precision,
+                            run.data.feature_spill)
 
     groups = param_groups(run.model, stage)
     if not groups:
@@ -185,6 +189,13 @@ def start_stage(run: Run, index: int, stage: StageParams, previous: torch.optim.
     return StageRun(index, stage, size, train_x, val_x, staged, use_cache, cache(train_x) if use_cache else None,
                     cache(val_x) if use_cache else None, groups, optimizer, scheduler, step_fn, offsets,
                     selectable=stage.image_scale == 1.0 or not run.any_full)
+
+
+def resized(images: torch.Tensor | ImageStore, size: int) -> torch.Tensor | ImageStore:
+    """The images at `size` for a low-resolution stage, where they are (a store's copy is a scratch file)."""
+    if isinstance(images, torch.Tensor) or images.shape[-1] == size:
+        return resize_batch(images, size)
+    return derived(images, size, lambda chunk: resize_batch(chunk, size))
 
 
 def run_stage(run: Run, index: int, stage: StageParams, progress: saved_state.Progress, best_weights: dict,

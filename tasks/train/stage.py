@@ -22,11 +22,13 @@ from tasks.device import pick_device
 from tasks.entry import Option, stage_main
 from tasks.files import atomic_path, read_json, write_json
 from tasks.images import DEFAULT_MAX_PIXELS
+from tasks.imagestore import cache_root, split_store, store_folder
 from tasks.manifest import classes_of, read_manifest
 from tasks.params import Params, TrainParams, augmentations
 from tasks.preprocess import Preprocessing
-from tasks.tensors import split_arrays
+from tasks.tensors import split_arrays, split_labels
 from tasks.train import state as saved_state
+from tasks.train.budget import Plan, plan
 from tasks.train.loop import Data, Saving, Split, fit
 from tasks.train.runtime import (
     Dist,
@@ -77,22 +79,29 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
     weights_pre = Preprocessing.from_dict(base_meta["preprocessing"])
     preprocessing = Preprocessing(size=size, mean=weights_pre.mean, std=weights_pre.std)
     mean, std = list(preprocessing.mean), list(preprocessing.std)
+    layout, params = place_data(model, manifest, images_dir, params, size, dist)
     if saving.path is not None:
         saving.fingerprint = saved_state.fingerprint(manifest_path, base_dir / "weights.pt", params, seed, dist.world)
     t0 = time.time()
-    train_x, train_y = split_arrays(manifest, images_dir, "train", classes, size, workers, max_pixels)
-    val_x, val_y = split_arrays(manifest, images_dir, "val", classes, size, workers, max_pixels)
+    if layout.images == "disk":
+        train_x, val_x = (split_store(manifest, images_dir, split, size, workers, max_pixels, cache_root(images_dir))
+                          for split in ("train", "val"))
+        train_y, val_y = (split_labels(manifest, split, classes) for split in ("train", "val"))
+    else:
+        train_x, train_y = split_arrays(manifest, images_dir, "train", classes, size, workers, max_pixels)
+        val_x, val_y = split_arrays(manifest, images_dir, "val", classes, size, workers, max_pixels)
     if dist.main:
         log.info("train: %d train / %d val images at %d px on %s (%d threads%s), classes %s", len(train_x),
                  len(val_x), size, device, torch.get_num_threads(),
                  f", {dist.world} processes" if dist.world > 1 else "", classes)
-    data = Data(classes, Split(train_x, train_y), Split(val_x, val_y))
+    data = Data(classes, Split(train_x, train_y), Split(val_x, val_y),
+                feature_spill=cache_root(images_dir) if layout.features == "disk" else None)
     model, best, history = fit(model, data, params, mean, std, seed, device, dist, saving,
                                on_epoch=lambda h: write_history(history_path, h))
     wall = time.time() - t0
     summary = {"best": best, "wall_time_s": round(wall, 1), "image_size": size, "device": str(device),
                "processes": dist.world, "n_train": len(train_x), "n_val": len(val_x), "epochs": len(history),
-               "augment": list(params.augment)}
+               "augment": list(params.augment), "data_store": layout.images, "feature_store": layout.features}
     if dist.main:
         save_checkpoint(checkpoint_path, model, Checkpoint(
             classes=classes, preprocessing=preprocessing, base=base_meta,
@@ -105,6 +114,25 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
         log.info("train: best %s=%.4f at stage '%s' epoch %d; %.0fs; checkpoint %s", best["metric"], best["score"],
                  best["stage"], best["epoch"], wall, checkpoint_path)
     return summary
+
+
+def place_data(model, manifest: pd.DataFrame, images_dir: Path, params: TrainParams, size: int,
+               dist: Dist) -> tuple[Plan, TrainParams]:
+    """Where images and cached features go within the memory budget (logged); fails here, before any decoding,
+    when the run cannot fit. Recomputing frozen layers turns the feature cache off in the params the run uses."""
+    root = cache_root(images_dir)
+    n_train, n_val = (int((manifest["split"] == split).sum()) for split in ("train", "val"))
+    stored = all((store_folder(manifest, images_dir, split, size, root)[0] / "header.json").exists()
+                 for split in ("train", "val"))
+    layout = plan(model, params, size, n_train, n_val, root, stored_already=stored)
+    if dist.main:
+        log.info("train: %s", layout.describe())
+        if layout.features == "recompute":
+            log.warning("train: no room for the feature cache in memory or on disk: frozen layers run every step "
+                        "(slower; results equal the cached run's up to float rounding)")
+    if layout.features == "recompute":
+        params = params.model_copy(update={"cache_features": False})
+    return layout, params
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -9,8 +9,10 @@ uncached loop up to float rounding, only faster.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from tasks import backbones
 from tasks.device import Precision
+from tasks.rowfile import scratch_rows
 from tasks.train.augment import prepare
 
 
@@ -128,13 +131,14 @@ class FeatureCache:
     with repeats): CPU kernels round differently for different batch sizes, but not for different
     images at the same batch size. So an entry's value does not depend on when or next to which
     images it was computed, and a resumed run (whose cache starts empty) reproduces an
-    uninterrupted one bit for bit.
+    uninterrupted one bit for bit. With `spill` (a folder), entries live in scratch files there instead of
+    in memory (`SpilledFeatures`): the same values, read back exactly.
     """
 
-    def __init__(self, staged: StagedModel, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, batch_size: int, precision: Precision = Precision()):
+    def __init__(self, staged: StagedModel, images, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device, batch_size: int, precision: Precision = Precision(), spill: Path | None = None):
         self.staged, self.images, self.mean, self.std = staged, images, mean, std
-        self.device, self.precision, self.chunk = device, precision, batch_size
+        self.device, self.precision, self.chunk, self.spill = device, precision, batch_size, spill
         self.store: dict[int, torch.Tensor] = {}
         self.done: dict[int, torch.Tensor] = {}
 
@@ -149,7 +153,9 @@ class FeatureCache:
             x = prepare(self.images[padded], variant, self.mean, self.std, self.device)
             with eval_mode(self.staged.model), torch.no_grad(), self.precision.autocast(self.device):
                 f = self.staged.prefix(x)[: len(chunk)].float().cpu()
-            if variant not in self.store:  # same memory format as the live path, so the same kernels run
+            if variant not in self.store and self.spill is not None:
+                self.store[variant] = SpilledFeatures(self.spill, len(self.images), tuple(f.shape[1:]))
+            elif variant not in self.store:  # same memory format as the live path, so the same kernels run
                 fmt = torch.channels_last if f.ndim == 4 else torch.contiguous_format
                 self.store[variant] = torch.empty((len(self.images), *f.shape[1:]), dtype=f.dtype).to(memory_format=fmt)
                 if self.device.type == "cuda":
@@ -162,11 +168,30 @@ class FeatureCache:
         return self.store[variant][idx]
 
 
+class SpilledFeatures:
+    """One variant's cache entries in a nameless scratch file (`tasks.rowfile`), indexed like the in-memory
+    tensor: 4-d features are stored per image in channels-last order and come back as the same channels-last
+    tensor, so the trainable layers run the same kernels on the same values."""
+
+    def __init__(self, folder: Path, n: int, shape: tuple[int, ...]):
+        self.nchw = len(shape) == 3
+        row = (shape[1], shape[2], shape[0]) if self.nchw else shape
+        self.rows = scratch_rows(folder, "features", n, row, np.float32)
+
+    def __setitem__(self, idx: torch.Tensor, f: torch.Tensor) -> None:
+        self.rows.write(idx.numpy(), (f.permute(0, 2, 3, 1) if self.nchw else f).contiguous().numpy())
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        t = torch.from_numpy(self.rows.read(idx.numpy()))
+        return t.permute(0, 3, 1, 2) if self.nchw else t
+
+
 @torch.no_grad()
-def predict_logits(staged: StagedModel, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+def predict_logits(staged: StagedModel, images, mean: Sequence[float], std: Sequence[float],
                    device: torch.device, batch_size: int, cache: FeatureCache | None = None,
                    precision: Precision = Precision()) -> torch.Tensor:
-    """Validation logits for uint8 images (identity variant), in eval mode; through `cache` when given."""
+    """Validation logits for uint8 images (a tensor or an ImageStore; identity variant), in eval mode; through
+    `cache` when given."""
     model = staged.model
     out = []
     with eval_mode(model), precision.autocast(torch.device(device)):

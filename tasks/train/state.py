@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tasks.files import atomic_path, sha256_file
-from tasks.params import TrainParams
+from tasks.params import PLACEMENT_KEYS, TrainParams
 
 log = logging.getLogger(__name__)
 MAGIC = b"FINETUNE-TRAIN-STATE\n"
@@ -56,9 +56,10 @@ class Saved:
 
 
 def fingerprint(manifest_path: Path, weights_path: Path, params: TrainParams, seed: int, world: int) -> str:
-    """Identifies a training run: a saved state is resumed only by a run with the same fingerprint."""
+    """Identifies a training run: a saved state is resumed only by a run with the same fingerprint (where the data
+    lives is left out: memory or disk, training computes the same)."""
     parts = {"manifest": sha256_file(manifest_path), "weights": sha256_file(weights_path),
-             "params": params.model_dump(mode="json"), "seed": seed, "world": world}
+             "params": params.model_dump(mode="json", exclude=PLACEMENT_KEYS), "seed": seed, "world": world}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
