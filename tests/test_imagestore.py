@@ -3,6 +3,7 @@ bit for bit; the memory budget places data and refuses a run that cannot fit bef
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -167,3 +168,47 @@ def test_an_impossible_budget_fails_before_training_naming_the_numbers(base, tmp
     assert "memory budget 1 MB" in message and "process now" in message and "MB" in message.split("process now")[1]
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "h.csv").exists()
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sigkill_mid_epoch_on_disk_then_resume_gives_the_in_memory_weights(tmp_path):
+    """Real processes: killed with SIGKILL right after the unfreeze (a spatial feature cache spilled to disk) and
+    started again, a run from the store ends with the weights of an uninterrupted run in memory."""
+    import signal
+    import subprocess
+    import sys
+
+    from tasks.params import write_overrides
+    from tests.conftest import REPO
+    from tests.test_train_process import SETTINGS, env, finetune, finish
+
+    make_dataset(tmp_path / "raw", per_class=20, size=64, mislabeled=2)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_overrides(tmp_path / "params.yaml", [*SETTINGS, "train.image_size=64", "train.cpu_image_size=64",
+                                               "train.stages.0.epochs=1", "train.stages.1.epochs=2",
+                                               "data.orientation_invariant=true"])  # dihedral: the cache is on
+    finish(finetune("stage", "ingest", cwd=tmp_path))
+    finish(finetune("stage", "fetch-model", cwd=tmp_path))
+    for name, store in (("ram", "ram"), ("disk", "disk")):
+        (tmp_path / f"{name}.yaml").write_text((tmp_path / "params.yaml").read_text())
+        write_overrides(tmp_path / f"{name}.yaml", [f"train.data_store={store}", f"train.feature_store={store}"])
+
+    def train(name: str, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tasks.train", "--params", f"{name}.yaml", "--manifest", "data/manifest.csv",
+             "--checkpoint", f"out/{name}/model.pt", "--metrics", f"out/{name}/summary.json",
+             "--history", f"out/{name}/history.csv", "--state", f"out/{name}/state.pt"],
+            cwd=tmp_path, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    finish(train("ram"))
+    killed = train("disk", FINETUNE_CRASH_AT="train:step:stage=1:epoch=0:batch=2")
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    output = finish(train("disk"))
+    assert "resuming from" in output and "images in disk, feature cache disk" in output, output
+    summary = json.loads((tmp_path / "out" / "disk" / "summary.json").read_text())
+    assert (summary["data_store"], summary["feature_store"]) == ("disk", "disk")
+    ref, got = (torch.load(tmp_path / "out" / n / "model.pt", weights_only=True)["state_dict"] for n in ("ram", "disk"))
+    assert ref.keys() == got.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert len(list((tmp_path / ".finetune" / "cache").glob("*/header.json"))) == 2  # train and val, built once
