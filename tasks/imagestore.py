@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from tasks import images as decoder
+from tasks.crashpoints import crash_point
 from tasks.files import fsync_dir, new_temp, read_json
 from tasks.images import DEFAULT_MAX_PIXELS, load_for_model
 from tasks.rowfile import RowFile, scratch_rows
@@ -109,6 +110,7 @@ def build(folder: Path, n: int, size: int, fill: Callable[[int, int], np.ndarray
             rows.write(np.arange(start, stop), fill(start, stop))
         rows.sync()
         rows.close()
+        crash_point("imagestore:filled")  # tests: killed with the data written, before the rename
         header = {"version": VERSION, "fingerprint": key, "shape": [n, 3, size, size], "dtype": "uint8"}
         with open(tmp / "header.json", "w") as f:
             f.write(json.dumps(header, indent=2) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,9 +207,31 @@ def test_sigkill_mid_epoch_on_disk_then_resume_gives_the_in_memory_weights(tmp_p
     killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL
     output = finish(train("disk"))
-    assert "resuming from" in output and "images in disk, feature cache disk" in output, output
+    assert "resuming from" in output and "images: disk, feature cache: disk" in output, output
     summary = json.loads((tmp_path / "out" / "disk" / "summary.json").read_text())
     assert (summary["data_store"], summary["feature_store"]) == ("disk", "disk")
     ref, got = (torch.load(tmp_path / "out" / n / "model.pt", weights_only=True)["state_dict"] for n in ("ram", "disk"))
     assert ref.keys() == got.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     assert len(list((tmp_path / ".finetune" / "cache").glob("*/header.json"))) == 2  # train and val, built once
+
+
+def test_a_build_killed_before_its_rename_leaves_no_store_and_the_next_one_sweeps_its_temp(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_train_process import env
+
+    images = make_dataset(tmp_path / "images", per_class=4, size=40)
+    manifest_of(images).to_csv(tmp_path / "manifest.csv", index=False)
+    code = ("import sys, pandas as pd; from pathlib import Path; from tasks.imagestore import split_store; "
+            "print(split_store(pd.read_csv(sys.argv[1]), Path(sys.argv[2]), 'train', 32, root=Path(sys.argv[3])).folder)")
+    args = [sys.executable, "-c", code, str(tmp_path / "manifest.csv"), str(images), str(tmp_path / "cache")]
+    killed = subprocess.run(args, env=env(FINETUNE_CRASH_AT="imagestore:filled"), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not list((tmp_path / "cache").glob("*/header.json")) and list((tmp_path / "cache").glob(".*.tmp"))
+    built = subprocess.run(args, env=env(), capture_output=True, text=True, check=True)
+    folder = Path(built.stdout.strip())
+    assert (folder / "header.json").exists() and not list((tmp_path / "cache").glob(".*.tmp"))
+    decoded, _ = split_arrays(manifest_of(images), images, "train", ["bright", "dark"], 32)
+    assert torch.equal(ImageStore.open(folder)[torch.arange(len(decoded))], decoded)

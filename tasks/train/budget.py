@@ -38,8 +38,8 @@ class Plan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / MB:.0f} MB" for k, v in self.need.items())
-        return (f"memory budget {self.budget / MB:.0f} MB; estimate: {parts}; images in {self.images}, "
-                f"feature cache {self.features}")
+        return (f"memory budget {self.budget / MB:.0f} MB; estimate: {parts}; images: {self.images}, "
+                f"feature cache: {self.features}")
 
 
 def machine_ram() -> int:
