@@ -28,7 +28,7 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.manifest import read_manifest
 from tasks.metrics import curves, evaluation_metrics, positive_index
 from tasks.params import Params
-from tasks.tensors import predict_logits, split_arrays
+from tasks.tensors import DecodedOnDemand, predict_logits, split_labels
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,9 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     test = manifest[manifest["split"] == "test"]
     if test.empty:
         raise ValueError(f"{manifest_path}: no 'test' images to evaluate on; check data.split.test")
-    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers, max_pixels)
+    # decoded batch by batch as the model needs them: the test split is never in memory at once (docs/scale.md)
+    images = DecodedOnDemand([Path(images_dir) / p for p in test["path"]], pre.size, workers, max_pixels)
+    labels = split_labels(manifest, "test", classes)
     logits = predict_logits(model, images, pre.mean, pre.std, device, batch_size)
     probs = logits.softmax(1)
     pred = probs.argmax(1)

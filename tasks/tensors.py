@@ -20,17 +20,32 @@ from tasks.device import Precision
 from tasks.images import DEFAULT_MAX_PIXELS, load_for_model
 
 
-def decode_images(paths: list[Path], size: int, workers: int = 4, desc: str = "decode",
+def decode_images(paths: list[Path], size: int, workers: int = 4, desc: str | None = "decode",
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Decode and resize `paths` in parallel into a uint8 tensor (N, 3, size, size)."""
+    """Decode and resize `paths` in parallel into a uint8 tensor (N, 3, size, size); `desc` None: no progress bar."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
 
     def one(i: int) -> None:
         out[i] = torch.from_numpy(load_for_model(paths[i], size, max_pixels))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False, disable=None))
+        list(tqdm(pool.map(one, range(len(paths))), total=len(paths), desc=desc, unit="img", leave=False,
+                  disable=True if desc is None else None))
     return out
+
+
+class DecodedOnDemand:
+    """A split's images for one pass in order (evaluation): a slice is decoded when asked for, so memory holds one
+    batch, not the split. The same pixels, in the same batches, as slicing the decoded tensor."""
+
+    def __init__(self, paths: list[Path], size: int, workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths, self.size, self.workers, self.max_pixels = list(paths), size, workers, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        return decode_images(self.paths[part], self.size, self.workers, None, self.max_pixels)
 
 
 def split_arrays(manifest: pd.DataFrame, images_dir: Path, split: str, classes: list[str], size: int,

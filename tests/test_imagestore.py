@@ -235,3 +235,29 @@ def test_a_build_killed_before_its_rename_leaves_no_store_and_the_next_one_sweep
     assert (folder / "header.json").exists() and not list((tmp_path / "cache").glob(".*.tmp"))
     decoded, _ = split_arrays(manifest_of(images), images, "train", ["bright", "dark"], 32)
     assert torch.equal(ImageStore.open(folder)[torch.arange(len(decoded))], decoded)
+
+
+def test_evaluation_decodes_the_test_split_batch_by_batch_with_the_same_logits(base, tmp_path):  # noqa: F811
+    from tasks import evaluate
+    from tasks.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from tasks.preprocess import Preprocessing
+    from tasks.tensors import DecodedOnDemand, predict_logits
+
+    images = make_dataset(tmp_path / "images", per_class=7, size=40)
+    manifest = manifest_of(images, split_of=lambda i: "test" if i % 2 else "train")
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    save_checkpoint(tmp_path / "model.pt", fresh(base), Checkpoint(
+        classes=["bright", "dark"], preprocessing=Preprocessing(size=64), base=base[1]))
+    out = tmp_path / "eval"
+    metrics = evaluate.run(tmp_path / "model.pt", tmp_path / "manifest.csv", images, out / "metrics.json",
+                           out / "predictions.csv", out / "confusion.png", batch_size=3, workers=2)
+    decoded, _ = split_arrays(manifest, images, "test", ["bright", "dark"], 64)
+    model, _ = load_checkpoint(tmp_path / "model.pt")
+    paths = [images / p for p in manifest.loc[manifest["split"] == "test", "path"]]
+    on_demand = DecodedOnDemand(paths, 64, workers=2)
+    cpu = torch.device("cpu")
+    assert torch.equal(predict_logits(model, on_demand, MEAN, STD, cpu, 3), predict_logits(model, decoded, MEAN, STD,
+                                                                                            cpu, 3))
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == len(decoded) == 7 and sum(metrics["confusion_matrix"][0]) + sum(
+        metrics["confusion_matrix"][1]) == 7
