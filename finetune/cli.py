@@ -358,12 +358,11 @@ def predict_cmd(
         return
     from deploy.predict import predict
 
-    summary = predict(model, list(paths), out, _registry_root(params, override=registry_), root=root,
+    summary = predict(model, list(paths), out, _registry_root(params, p, registry_), root=root,
                       workers=workers, batch_size=batch_size, progress=progress)
     where = f" to {summary.out}" if summary.out != "-" else ""
     typer.echo(f"{summary.images} predictions{where} (model {summary.version or summary.model})", err=True)
-    if summary.errors:
-        raise RuntimeError(f"{summary.errors} of {summary.images} files could not be read (see the error column)")
+    _fail_on_unreadable(summary.errors, summary.images)
 
 
 def _predict_on_dask(model: str, paths: list[Path], out: Path | None, registry_root: Path, workers: int,
@@ -380,8 +379,13 @@ def _predict_on_dask(model: str, paths: list[Path], out: Path | None, registry_r
     with prefect_api(Path(".")):
         summary = predict(str(onnx), str(paths[0]), str(out), workers, address)
     typer.echo(f"{summary['images']} images predicted with {onnx} ({summary['failed']} unreadable): {out}", err=True)
-    if summary["failed"]:
-        raise RuntimeError(f"{summary['failed']} of {summary['images']} files could not be read (see the error column)")
+    _fail_on_unreadable(summary["failed"], summary["images"])
+
+
+def _fail_on_unreadable(errors: int, images: int) -> None:
+    """Exit 1 when some files could not be read (their rows are written, with the error)."""
+    if errors:
+        raise RuntimeError(f"{errors} of {images} files could not be read (see the error column)")
 
 
 @app.command("export-triton")
