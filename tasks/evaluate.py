@@ -29,6 +29,7 @@ from tasks.manifest import read_manifest
 from tasks.metrics import curves, evaluation_metrics, positive_index
 from tasks.params import Params
 from tasks.tensors import DecodedOnDemand, predict_logits, split_labels
+from tasks.tta import with_tta
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,11 @@ def write_curves(labels, probs, positive: int | None, metrics: dict, out_dir: Pa
 
 def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_path: Path,
         predictions_path: Path, confusion_png: Path, batch_size: int = 32, workers: int = 4,
-        positive_class: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+        positive_class: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> dict:
+    """Score the checkpoint on the test split as it will be exported (`tta`: `export.tta`, see tasks/tta.py)."""
     t0 = time.time()
     model, ckpt = load_checkpoint(checkpoint_path)
+    model = with_tta(model, tta)
     classes, pre = ckpt.classes, ckpt.preprocessing
     positive = positive_index(classes, positive_class)  # fail fast on a class the model does not know
     device = pick_device()
@@ -109,6 +112,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
     pred = probs.argmax(1)
     metrics = evaluation_metrics(labels.numpy(), probs.numpy(), classes, positive_class)  # CIs: 1000 resamples
     metrics["image_size"] = pre.size
+    metrics["tta"] = tta
     metrics["seconds"] = round(time.time() - t0, 2)
     write_json(metrics_path, metrics)
     preds = pd.DataFrame({
@@ -136,7 +140,7 @@ def _from_params(p: Params, args: Namespace) -> None:
     out = args.out_dir
     run(args.checkpoint, args.manifest, args.images, out / "metrics.json", out / "predictions.csv",
         out / "confusion.png", batch_size=p.train.batch_size, workers=p.data.workers,
-        positive_class=p.gates.positive_class, max_pixels=p.data.max_pixels)
+        positive_class=p.gates.positive_class, max_pixels=p.data.max_pixels, tta=p.export.tta)
 
 
 if __name__ == "__main__":

@@ -302,6 +302,11 @@ class ExportParams(Strict):
                                            "the fp32 ONNX's")
     int8_calibration_images: Annotated[int, Field(ge=1, le=100_000)] = doc(
         256, "at most this many validation images (evenly spaced) calibrate the activation ranges")
+    tta: Literal["none", "hflip", "dihedral"] = doc(
+        "none", "test-time augmentation inside the exported model, and in evaluation so the gates judge what ships: "
+        "none | hflip (mean of the image's and its mirror's probabilities; 2x inference cost) | dihedral (mean over "
+        "the 8 rotations/mirrors; needs data.orientation_invariant; ELPV: +1.5-2 points accuracy, 8x inference cost, "
+        "docs/benchmarks.md)")
 
 
 class OrchestrationParams(Strict):
@@ -346,6 +351,14 @@ class Params(Strict):
                                                "(docs/orchestration.md)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _tta_fits_the_data(self) -> "Params":
+        if self.export.tta == "dihedral" and not orientation_invariant(self.data):
+            raise ValueError("export.tta: dihedral averages over rotated and mirrored images, which is only right "
+                             "when data.orientation_invariant is true (it is false for this data source); use "
+                             "hflip or none")
+        return self
 
 
 # ---- defaults that depend on the data -------------------------------------------------------

@@ -64,6 +64,14 @@ def split_labels(manifest: pd.DataFrame, split: str, classes: list[str]) -> torc
                         dtype=torch.long)
 
 
+def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
+    """Variant v (0..7) of the dihedral group of a square batch (N, C, H, W): rotate by (v % 4) * 90 degrees, then
+    mirror left-right if v >= 4. Variant 0 is the identity, 4 the horizontal flip. Used by training's augmentation
+    and by test-time augmentation (`tasks.tta`)."""
+    x = torch.rot90(x, variant % 4, dims=(2, 3)) if variant % 4 else x
+    return torch.flip(x, dims=(3,)) if variant >= 4 else x
+
+
 def standardise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Float 0..1 images -> (x - mean) / std per channel."""
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -12,9 +12,9 @@ import torch
 
 from tasks import backbones as models
 from tasks.params import DIHEDRAL_AUGMENT, StageParams, TrainParams
+from tasks.tensors import apply_variant
 from tasks.train import state as saved_state
 from tasks.train.augment import (
-    apply_variant,
     class_weights,
     epoch_order,
     prepare,

@@ -40,6 +40,7 @@ from tasks.manifest import read_manifest
 from tasks.metrics import classification_metrics
 from tasks.params import Params
 from tasks.tensors import split_arrays
+from tasks.tta import with_tta
 
 log = logging.getLogger("tasks.export")
 
@@ -48,7 +49,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
         onnx_path: Path, report_path: Path, opset: int, max_abs_diff: float,
         min_top1_agreement: float, workers: int = 4, *, int8: bool = False, int8_max_accuracy_drop: float = 0.01,
         int8_calibration_images: int = 256, int8_dir: Path | None = None, model_card_path: Path | None = None,
-        data_description: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+        data_description: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, tta: str = "none") -> dict:
     """Gate check, fp32 export + parity, optional INT8, model card, report.
 
     `int8_dir` (default: `<onnx dir>/int8`) ends up holding `model.int8.onnx` of this model when
@@ -69,12 +70,13 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
                           f"{checkpoint_sha256[:12]}...: a stale verdict; run the gate again (dvc repro)")
     model, ckpt = load_checkpoint(checkpoint_path)
     classes, pre = ckpt.classes, ckpt.preprocessing
-    module = Deployable(model, pre).eval()
+    module = Deployable(with_tta(model, tta), pre).eval()  # test-time augmentation lives in the graph
     metrics = read_json(metrics_path)
     metadata = {
         "classes": json.dumps(classes),
         "preprocessing": pre.to_json(),
         "input_contract": pre.describe(),
+        "tta": tta,
         "arch": ckpt.base["arch"],
         "weights_origin": json.dumps({k: ckpt.base.get(k) for k in ("source", "weights", "sha256")}),
         "data_version": sha256_file(manifest_path),
@@ -152,4 +154,5 @@ def _from_params(p: Params, args: Namespace) -> None:
     run(args.checkpoint, args.manifest, args.images, args.verdict, args.metrics, args.onnx_path,
         args.report, e.opset, e.max_abs_diff, e.min_top1_agreement, workers=d.workers, int8=e.int8,
         int8_max_accuracy_drop=e.int8_max_accuracy_drop, int8_calibration_images=e.int8_calibration_images,
-        int8_dir=args.int8_dir, model_card_path=args.model_card, data_description=source, max_pixels=d.max_pixels)
+        int8_dir=args.int8_dir, model_card_path=args.model_card, data_description=source, max_pixels=d.max_pixels,
+        tta=e.tta)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from tasks.tensors import normalise, standardise
+from tasks.tensors import apply_variant, normalise, standardise
 
 DIHEDRAL = {"hflip", "vflip", "rot90"}
 
@@ -24,12 +24,6 @@ def variants_for(augment: list[str]) -> list[int]:
     if "rot90" not in augment and "hflip" in augment and "vflip" in augment:
         rots = [0, 2]  # hflip+vflip together give the 180-degree rotation
     return sorted({r + 4 * f for r in rots for f in flips})
-
-
-def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
-    """Variant v of a batch (N, C, H, W): rotate by (v % 4) * 90 degrees, then flip if v >= 4."""
-    x = torch.rot90(x, variant % 4, dims=(2, 3)) if variant % 4 else x
-    return torch.flip(x, dims=(3,)) if variant >= 4 else x
 
 
 def random_crop_resize(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
