@@ -1,7 +1,8 @@
 """Images as tensors for the torch stages (train, evaluate, export): decoding, normalisation, prediction.
 
 Files are decoded by the one decode path (`tasks.images.load_for_model`, in threads) into one uint8
-tensor (N, 3, S, S). `normalise` is the only implementation of input normalisation: training feeds
+tensor (N, 3, S, S), or batch by batch when a pass needs them (`DecodedOnDemand`; `batches` is the one
+loop that walks either). `normalise` is the only implementation of input normalisation: training feeds
 the network through it and the exported ONNX graph contains it (`tasks.export.onnx_graph`).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -46,6 +47,17 @@ class DecodedOnDemand:
 
     def __getitem__(self, part: slice) -> torch.Tensor:
         return decode_images(self.paths[part], self.size, self.workers, None, self.max_pixels)
+
+
+Images = torch.Tensor | DecodedOnDemand  # uint8 (N, 3, S, S), decoded or decoded when sliced
+
+
+def batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
+    """`images[start : start + batch_size]` from the first image on, the last batch possibly shorter: the one
+    batching loop over a split. On `DecodedOnDemand` a batch is decoded when it is reached, so a pass holds one
+    batch; on a decoded tensor the batches are the same pixels (so the same numbers come out)."""
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
 
 
 def split_arrays(manifest: pd.DataFrame, images_dir: Path, split: str, classes: list[str], size: int,
@@ -92,7 +104,7 @@ def model_input(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+def predict_logits(model: nn.Module, images: Images, mean: Sequence[float], std: Sequence[float],
                    device: torch.device, batch_size: int, precision: Precision = Precision()) -> torch.Tensor:
     """Logits (float32, CPU) for uint8 images, in eval mode; the model's own modes are restored."""
     modes = {m: m.training for m in model.modules()}
@@ -100,8 +112,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean: Sequence[float]
     out = []
     try:
         with precision.autocast(torch.device(device)):
-            for start in range(0, len(images), batch_size):
-                out.append(model(model_input(images[start : start + batch_size], mean, std, device)).float().cpu())
+            for batch in batches(images, batch_size):
+                out.append(model(model_input(batch, mean, std, device)).float().cpu())
     finally:
         for m, training in modes.items():
             m.training = training

@@ -17,14 +17,16 @@ from tasks.backbones.timm_models import BUNDLED_SHA256
 from tasks.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tasks.export import card, int8, onnx_graph
 from tasks.export.int8 import INT8_FILE, ExportError, int8_decision
+from tasks.export.stage import parity_logits
 from tasks.export.stage import run as export_run
 from tasks.files import sha256_file, write_json
 from tasks.images import load_for_model
 from tasks.inference import OnnxClassifier, read_metadata, session
 from tasks.manifest import read_manifest
+from tasks.metrics import classification_metrics
 from tasks.params import TrainParams
 from tasks.preprocess import Preprocessing
-from tasks.tensors import split_arrays
+from tasks.tensors import DecodedOnDemand, split_arrays
 
 SIZE = 64
 
@@ -118,6 +120,59 @@ def test_perturbed_weight_fails_parity(setup, exported, tmp_path):
     good = onnx_graph.parity(ref, int8.run_logits(path, images))
     bad = onnx_graph.parity(ref, int8.run_logits(tmp_path / "broken.onnx", images))
     assert good["max_abs_logit_diff"] < 1e-3 < bad["max_abs_logit_diff"]
+
+
+def test_streamed_parity_and_int8_scoring_equal_the_whole_split_computation(setup, exported, tmp_path):
+    """The export decodes the test split batch by batch (`DecodedOnDemand`), never all of it; every number and
+    file must be those of the whole-split computation it replaced (decode the split, then PyTorch and ONNX
+    Runtime over the tensor in the same batches): compared exactly, not within a tolerance."""
+    root, data, ckpt = setup
+    path, report = exported
+    classes = ["bright", "dark"]
+    manifest = read_manifest(data / "manifest.csv")
+    whole, labels = split_arrays(manifest, data / "images", "test", classes, SIZE)
+    streamed = DecodedOnDemand([data / "images" / p for p in manifest.loc[manifest["split"] == "test", "path"]],
+                               SIZE, workers=2)
+    model, ck = load_checkpoint(ckpt)
+    module = onnx_graph.Deployable(model, ck.preprocessing).eval()
+
+    def whole_split(batch_size):  # the export's parity computation before it streamed
+        with torch.no_grad():
+            ref = torch.cat([module(whole[i : i + batch_size])[0] for i in range(0, len(whole), batch_size)])
+        return ref.numpy(), OnnxClassifier(path, batch_size=batch_size).run(whole.numpy())[0]
+
+    # batches of 4 over the 6 test images: two batches, the second one short
+    assert len(whole) == 6 and len(labels) == 6
+    ref, ort = whole_split(4)
+    s_ref, s_ort = parity_logits(module, path, streamed, len(classes), batch_size=4)
+    assert s_ref.shape == (6, 2) and np.array_equal(s_ref, ref) and np.array_equal(s_ort, ort)
+    assert 0 < np.abs(s_ref - s_ort).max() < 1e-3  # a real comparison: the two runtimes differ in the last bits
+
+    # the stage's report (batches of 32): parity and ONNX accuracy equal to the whole-split numbers
+    ref, ort = whole_split(32)
+    onnx_metrics = classification_metrics(labels.numpy(), ort.argmax(1), classes)
+    assert {k: report[k] for k in ("max_abs_logit_diff", "top1_agreement", "n")} == onnx_graph.parity(ref, ort)
+    assert [report[f"onnx_{k}"] for k in ("accuracy", "macro_recall", "macro_f1")] == [
+        onnx_metrics[k] for k in ("accuracy", "macro_recall", "macro_f1")]
+
+    # INT8 scoring: the kept file on the decoded tensor gives the report's numbers
+    int8_path = root / "int8" / INT8_FILE
+    scores = int8.score_onnx(int8_path, whole, labels, classes, ort)
+    assert scores == int8.score_onnx(int8_path, streamed, labels, classes, ort)
+    assert {k: report["int8"][k] for k in scores} == scores and scores["n"] == 6
+
+    # INT8 calibration reads the sampled rows batch by batch: the same batches, and the same quantized graph as
+    # calibrating on the decoded rows
+    rows = manifest[manifest["split"] == "val"]
+    rows = rows.iloc[int8.evenly_spaced(len(rows), 5)]
+    decoded, _ = split_arrays(rows, data / "images", "val", classes, SIZE)
+    on_demand = DecodedOnDemand([data / "images" / p for p in rows["path"]], SIZE, workers=2)
+    assert len(decoded) == report["int8"]["calibration_images"] >= 2
+    a, b = int8.UInt8Batches(decoded, batch_size=1), int8.UInt8Batches(on_demand, batch_size=1)
+    pairs = [(a.get_next(), b.get_next()) for _ in range(len(decoded) + 1)]
+    assert pairs[-1] == (None, None) and all(np.array_equal(x["image"], y["image"]) for x, y in pairs[:-1])
+    int8.quantize_int8(path, tmp_path / "whole.int8.onnx", decoded)
+    assert onnx.load(str(tmp_path / "whole.int8.onnx")).graph == onnx.load(str(int8_path)).graph
 
 
 def test_failed_parity_keeps_the_previous_model(setup, exported):

@@ -1,6 +1,11 @@
 """Optional INT8 model: ONNX Runtime static quantization of the verified fp32 file, calibrated on the
 validation split (never the test split), kept only when its test accuracy stays within
-`export.int8_max_accuracy_drop` of the fp32 ONNX model's."""
+`export.int8_max_accuracy_drop` of the fp32 ONNX model's.
+
+Images are decoded batch by batch as ONNX Runtime asks for them (`DecodedOnDemand`): the test split for
+scoring, and for calibration only the `export.int8_calibration_images` rows it uses (a capped sample:
+ONNX Runtime's MinMax calibrator keeps every calibration batch's activations until the end, so the cap,
+not the decoding, bounds calibration's memory)."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from tasks.export.onnx_graph import add_metadata, parity
 from tasks.files import new_temp, sha256_file
 from tasks.inference import session
 from tasks.metrics import classification_metrics
-from tasks.tensors import split_arrays
+from tasks.tensors import DecodedOnDemand, Images, batches
 
 log = logging.getLogger("tasks.export")
 
@@ -44,10 +49,11 @@ INT8_FILE = "model.int8.onnx"
 
 
 class UInt8Batches(CalibrationDataReader):
-    """Calibration data for ONNX Runtime: uint8 images (N, 3, S, S) fed to the `image` input in batches."""
+    """Calibration data for ONNX Runtime: uint8 images (N, 3, S, S) fed to the `image` input in batches, each
+    taken (on `DecodedOnDemand`: decoded) when ONNX Runtime asks for it."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int = 16):
-        self._batches = iter([images[i : i + batch_size].numpy() for i in range(0, len(images), batch_size)])
+    def __init__(self, images: Images, batch_size: int = 16):
+        self._batches = (batch.numpy() for batch in batches(images, batch_size))
 
     def get_next(self) -> dict | None:
         batch = next(self._batches, None)
@@ -59,7 +65,7 @@ def evenly_spaced(n: int, cap: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(cap, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: torch.Tensor, batch_size: int = 16) -> dict:
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: Images, batch_size: int = 16) -> dict:
     """Static INT8 quantization (QDQ, per-channel int8 weights, uint8 activations, MinMax ranges
     calibrated on `calibration`) of the fp32 ONNX file; returns the recipe (for the metadata)."""
     import onnx
@@ -122,7 +128,7 @@ def quantized_op_counts(path: Path) -> dict[str, str]:
     return {op: f"{q}/{t}" for op, (q, t) in sorted(counts.items())}
 
 
-def score_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+def score_onnx(path: Path, images: Images, labels: torch.Tensor, classes: list[str],
                reference_logits: np.ndarray) -> dict:
     """Test-split metrics of an ONNX model and its agreement with `reference_logits`."""
     logits = run_logits(path, images)
@@ -133,11 +139,10 @@ def score_onnx(path: Path, images: torch.Tensor, labels: torch.Tensor, classes: 
             "max_abs_logit_diff_vs_fp32": agreement["max_abs_logit_diff"]}
 
 
-def run_logits(path: Path, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Logits of any ONNX file with this pipeline's input/outputs (metadata not needed)."""
+def run_logits(path: Path, images: Images, batch_size: int = 32) -> np.ndarray:
+    """Logits of any ONNX file with this pipeline's input/outputs (metadata not needed), batch by batch."""
     sess = session(path)
-    outs = [sess.run(["logits"], {"image": images[i : i + batch_size].numpy()})[0]
-            for i in range(0, len(images), batch_size)]
+    outs = [sess.run(["logits"], {"image": batch.numpy()})[0] for batch in batches(images, batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
@@ -148,7 +153,7 @@ def int8_decision(fp32_accuracy: float, int8_accuracy: float, max_drop: float) -
 
 
 def int8_candidate(fp32_path: Path, int8_dir: Path, metadata: dict, manifest: pd.DataFrame, images_dir: Path,
-                    classes: list[str], size: int, workers: int, test_images: torch.Tensor, test_labels: torch.Tensor,
+                    classes: list[str], size: int, workers: int, test_images: Images, test_labels: torch.Tensor,
                     fp32_logits: np.ndarray, fp32_accuracy: float, max_drop: float,
                     max_images: int, max_pixels: int) -> tuple[Path | None, dict]:
     """Quantize the verified fp32 file into a temp file in `int8_dir`, score it on the test split and
@@ -159,7 +164,8 @@ def int8_candidate(fp32_path: Path, int8_dir: Path, metadata: dict, manifest: pd
         log.warning("export: no validation images; INT8 calibration uses the training split")
     calib_rows = manifest[manifest["split"] == split]
     calib_rows = calib_rows.iloc[evenly_spaced(len(calib_rows), max_images)]
-    calibration, _ = split_arrays(calib_rows, images_dir, split, classes, size, workers, max_pixels)
+    # only the sampled rows, decoded a calibration batch at a time as ONNX Runtime reads them
+    calibration = DecodedOnDemand([Path(images_dir) / p for p in calib_rows["path"]], size, workers, max_pixels)
     int8_dir.mkdir(parents=True, exist_ok=True)
     tmp = new_temp(int8_dir / INT8_FILE)
     try:

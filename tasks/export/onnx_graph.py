@@ -50,13 +50,6 @@ def add_metadata(path, metadata: dict[str, str]) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def torch_logits(module: nn.Module, images: torch.Tensor, n_classes: int, batch_size: int = 32) -> np.ndarray:
-    with torch.no_grad():
-        if not len(images):
-            return np.zeros((0, n_classes), np.float32)
-        return torch.cat([module(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)]).numpy()
-
-
 def parity(torch_out: np.ndarray, ort_out: np.ndarray) -> dict:
     return {
         "max_abs_logit_diff": float(np.abs(torch_out - ort_out).max()) if len(ort_out) else 0.0,

@@ -5,10 +5,10 @@ The exported model takes uint8 images (batch, 3, size, size) and outputs `logits
 `preprocessing` (the `tasks.preprocess.Preprocessing` record), the input contract and the lineage
 (weights origin, data version, params hash, git commit, metrics, verdict). The file is written
 beside its destination, checked with `onnx.checker`, run with ONNX Runtime through the inference
-module on the whole test split and compared with PyTorch (max |logit diff| and top-1 agreement,
-tolerances from `export.*`); only then is it renamed into place, so a failed export leaves the
-previous model untouched. Optionally an INT8 model (`tasks/export/int8.py`) and always a model card
-(`tasks/export/model_card.md.j2`).
+module on the whole test split (decoded batch by batch, never held at once: docs/scale.md) and
+compared with PyTorch (max |logit diff| and top-1 agreement, tolerances from `export.*`); only then
+is it renamed into place, so a failed export leaves the previous model untouched. Optionally an INT8
+model (`tasks/export/int8.py`) and always a model card (`tasks/export/model_card.md.j2`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
 from tasks.checkpoint import load_checkpoint
 from tasks.entry import stage_main
 from tasks.export.card import data_summary, render
@@ -31,7 +35,6 @@ from tasks.export.onnx_graph import (
     export_onnx,
     git_commit,
     parity,
-    torch_logits,
 )
 from tasks.files import atomic_path, atomic_write, read_json, sha256_file, write_json
 from tasks.images import DEFAULT_MAX_PIXELS
@@ -39,10 +42,29 @@ from tasks.inference import OnnxClassifier
 from tasks.manifest import read_manifest
 from tasks.metrics import classification_metrics
 from tasks.params import Params
-from tasks.tensors import split_arrays
+from tasks.tensors import DecodedOnDemand, Images, batches, split_labels
 from tasks.tta import with_tta
 
 log = logging.getLogger("tasks.export")
+
+
+def parity_logits(module: nn.Module, onnx_path, images: Images, n_classes: int,
+                  batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(PyTorch logits, ONNX Runtime logits) of the same uint8 images, in one pass of `batch_size` batches.
+
+    Each batch is taken once (`images` may be `DecodedOnDemand`: then it is decoded once, and memory holds one
+    batch of images plus the logits, never the split) and given to both: `module` (`Deployable`) and the ONNX
+    file through the inference module. The batches are those of running each on the whole decoded tensor, so
+    the logits are the same numbers."""
+    classifier = OnnxClassifier(onnx_path, batch_size=batch_size)
+    reference, onnx_out = [], []
+    with torch.no_grad():
+        for batch in batches(images, batch_size):
+            reference.append(module(batch)[0].numpy())
+            onnx_out.append(classifier.run(batch.numpy())[0])
+    if not reference:
+        return np.zeros((0, n_classes), np.float32), np.zeros((0, n_classes), np.float32)
+    return np.concatenate(reference), np.concatenate(onnx_out)
 
 
 def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_path: Path, metrics_path: Path,
@@ -89,15 +111,17 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
         "gate_verdict": json.dumps({"passed": verdict["passed"], "reason": verdict["reason"]}),
     }
     manifest = read_manifest(manifest_path)
-    images, labels = split_arrays(manifest, images_dir, "test", classes, pre.size, workers, max_pixels)
-    reference = torch_logits(module, images, len(classes))
+    test = manifest[manifest["split"] == "test"]
+    # decoded batch by batch when a pass reaches them (parity here, INT8 scoring later): never the whole split
+    images = DecodedOnDemand([Path(images_dir) / p for p in test["path"]], pre.size, workers, max_pixels)
+    labels = split_labels(manifest, "test", classes)
     int8_tmp: Path | None = None
     int8_report: dict = {"enabled": int8, "status": "disabled"}
     try:
         with atomic_path(onnx_path) as tmp:
             export_onnx(module, pre.size, tmp, opset)
             add_metadata(tmp, metadata)
-            ort_logits, _ = OnnxClassifier(tmp).run(images.numpy())
+            reference, ort_logits = parity_logits(module, tmp, images, len(classes))
             check = parity(reference, ort_logits)
             onnx_metrics = classification_metrics(labels.numpy(), ort_logits.argmax(1), classes)
             check.update({"onnx_accuracy": onnx_metrics["accuracy"], "onnx_macro_recall": onnx_metrics["macro_recall"],
