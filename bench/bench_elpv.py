@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.no_run:
                 raise SystemExit("no pipeline outputs (reports/eval/predictions.csv): run `finetune run` first")
             log.info("no pipeline outputs yet: finetune run")
-            subprocess.run([str(Path(sys.executable).parent / "finetune"), "run"], cwd=REPO, check=True)
+            done = subprocess.run([str(Path(sys.executable).parent / "finetune"), "run"], cwd=REPO)
+            if not (REPO / "reports/eval/predictions.csv").exists():  # a failed gate still leaves the evaluation
+                raise SystemExit(f"finetune run failed (exit {done.returncode}) before evaluating: see its output")
         results["binary"] = reference(REPO / "reports", REPO / "data/validated.csv", REPO / "models/model.pt",
                                       REPO / "models/model.onnx", "binary")
     if "four_class" in args.tasks:
