@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench browser clean prefect-up deploy prefect-down
+.PHONY: setup run test test-fast bench bench-peers-env browser clean prefect-up deploy prefect-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,10 +25,24 @@ test: setup browser  ## full suite, end-to-end tests included
 test-fast: setup  ## everything but the slow end-to-end tests
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## benchmarks (print a table, write JSON to bench/results/)
+# fastai and Lightning live in their own environment, never in the project's dependencies (bench/peers/).
+PEERS_VENV := bench/.venv-peers
+$(PEERS_VENV)/.installed: bench/peers/requirements.txt
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peers/requirements.txt
+	touch $@
+
+bench-peers-env: $(PEERS_VENV)/.installed  ## the peers' environment (fastai, Lightning) for bench/bench_peers.py
+
+# Every benchmark, then docs/benchmarks.md. ~40 min on 2 cores when the pipeline has run (`make run`), ~55 min
+# when bench_elpv.py has to run it first (bench/README.md). The budgets here are the documented short settings.
+bench: setup bench-peers-env  ## all benchmarks (tables, JSON in bench/results/), then docs/benchmarks.md
+	$(PY) bench/bench_elpv.py
+	$(PY) bench/bench_peers.py --size 224 --frozen-epochs 1 --unfrozen-epochs 2
 	$(PY) bench/bench_onnx.py
-	$(PY) bench/bench_train.py
-	$(PY) bench/bench_serving.py
+	$(PY) bench/bench_train.py --n-train 256 --n-val 64 --epochs 2 --unfrozen-epochs 1
+	$(PY) bench/bench_serving.py --configs default --seconds 5
+	$(PY) bench/report.py
 
 # The web page's browser test drives Debian's chromium through Playwright (never `playwright install`, which
 # downloads a browser). Installed with apt-get when missing and running as root (CI); otherwise the test is skipped

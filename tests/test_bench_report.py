@@ -1,0 +1,87 @@
+"""bench/report.py renders docs/benchmarks.md from the benchmark JSONs: numbers with their command and machine,
+'not measured' (with the command to measure it) for every JSON that is missing, the GPU section included."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MACHINE = {"cpu": "Test CPU 9000", "cores": 2, "threads": 1, "loadavg_before": [0.5, 0.5, 0.5],
+           "loadavg_after": [1.5, 1.0, 0.7]}
+
+
+def peers_json() -> dict:
+    ok = {"status": "ok", "wall_s": 120.0, "images_per_s": 42.5, "recipe": "r", "epochs": [],
+          "test": {"accuracy": 0.8125, "balanced_accuracy": 0.8, "macro_recall": 0.8, "macro_f1": 0.7777, "n": 32,
+                   "ci": {"accuracy": [0.7, 0.9]}}}
+    return {"command": "bench/bench_peers.py --size 96", "date": "2026-11-29 10:00 UTC", "commit": "abc123",
+            "machine": MACHINE, "versions": {"torch": "2.14.1", "fastai": "2.8.12"},
+            "setup": {"counts": {"train": 64, "val": 32, "test": 32}, "size": 96, "batch_size": 16,
+                      "frozen_epochs": 1, "unfrozen_epochs": 2, "threads": 1, "augment": "dihedral"},
+            "rows": [{**ok, "run": "ours", "label": "ours (pipeline)",
+                      "vs_ours": {"images_per_s": 1.0, "wall": 1.0, "accuracy_pt": 0.0, "macro_f1_pt": 0.0}},
+                     {**ok, "run": "plain", "label": "plain loop", "images_per_s": 21.25, "wall_s": 240.0,
+                      "vs_ours": {"images_per_s": 0.5, "wall": 2.0, "accuracy_pt": -3.0, "macro_f1_pt": -1.0}},
+                     {"run": "fastai", "label": "fastai fine_tune", "status": "not installed: make bench-peers-env"}]}
+
+
+def test_missing_json_says_not_measured_with_its_command(report, tmp_path):
+    text = report.render(tmp_path)
+    for name, command in [("peers.json", "bench/bench_peers.py"), ("elpv.json", "bench/bench_elpv.py"),
+                          ("onnx.json", "bench/bench_onnx.py"), ("bench_train.json", "bench/bench_train.py"),
+                          ("serving.json", "bench/bench_serving.py")]:
+        assert f"not measured: `.venv/bin/python {command}` writes `bench/results/{name}`" in text
+    gpu = text.split("## GPU", 1)[1]
+    assert "not measured (no GPU lent)" in gpu
+
+
+def test_numbers_come_with_their_command_date_commit_and_machine(report, tmp_path):
+    (tmp_path / "peers.json").write_text(json.dumps(peers_json()))
+    text = report.render(tmp_path)
+    section = text.split("## Ours vs peers", 1)[1].split("\n## ", 1)[0]
+    assert "Command: `.venv/bin/python bench/bench_peers.py --size 96`" in section
+    assert "2026-11-29 10:00 UTC" in section and "abc123" in section
+    assert "Test CPU 9000, 2 cores, 1 threads, load 0.5 before / 1.5 after" in section
+    assert "| plain loop | 240.0 | 21.2 | 81.25% (70.0-90.0) | 80.00% | 0.7777 | 2.00x | -3.00 pt |" in section
+    assert "| fastai fine_tune | not installed: make bench-peers-env |" in section
+    assert "not measured" not in section
+    # the other sections are still missing
+    assert "not measured: `.venv/bin/python bench/bench_elpv.py`" in text
+
+
+def test_old_json_without_command_uses_the_default_and_the_file_time(report, tmp_path):
+    (tmp_path / "recipes.json").write_text(json.dumps({"params": "params.yaml", "rows": [
+        {"recipe": "default", "stages": "frozen:headx2 + unfrozen:3x8", "accuracy": 0.9, "accuracy_ci": [0.88, 0.92],
+         "macro_recall": 0.85, "macro_f1": 0.86, "train_s": 700.0}]}))
+    section = report.render(tmp_path).split("## Staged vs single-stage recipes", 1)[1].split("\n## ", 1)[0]
+    assert "bench/bench_recipes.py (not recorded in the JSON: the script's default)" in section
+    assert "(file time)" in section and "| default | frozen:headx2 + unfrozen:3x8 | 90.00% (88.0-92.0) |" in section
+
+
+def test_gpu_json_fills_the_gpu_section_and_write_is_atomic(report, tmp_path):
+    (tmp_path / "gpu_check.json").write_text(json.dumps({"info": {"gpu": "NVIDIA H200"}, "results": [
+        {"check": "fp32", "images_per_s": 1234.5}]}))
+    out = tmp_path / "docs" / "benchmarks.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    gpu = out.read_text().split("## GPU", 1)[1]
+    assert "not measured" not in gpu and "1234.5" in gpu and "NVIDIA H200" in gpu
+    assert [p.name for p in out.parent.iterdir()] == ["benchmarks.md"]  # no temp file left behind
+
+
+def test_unreadable_json_is_named_not_a_crash(report, tmp_path):
+    (tmp_path / "onnx.json").write_text("{not json")
+    assert "`bench/results/onnx.json` could not be rendered" in report.render(tmp_path)
