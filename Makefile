@@ -38,6 +38,7 @@ bench-peers-env: $(PEERS_VENV)/.installed  ## the peers' environment (fastai, Li
 # when bench_elpv.py has to run it first (bench/README.md). The budgets here are the documented short settings.
 bench: setup bench-peers-env  ## all benchmarks (tables, JSON in bench/results/), then docs/benchmarks.md
 	$(PY) bench/bench_elpv.py
+	$(PY) bench/bench_tta.py
 	$(PY) bench/bench_peers.py --size 224 --frozen-epochs 1 --unfrozen-epochs 2
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_train.py --n-train 256 --n-val 64 --epochs 2 --unfrozen-epochs 1

@@ -26,6 +26,7 @@ from tasks import evaluate  # noqa: E402
 from tasks.entry import setup_logging  # noqa: E402
 from tasks.files import write_json  # noqa: E402
 from tasks.params import TrainParams, augmentations, load_params  # noqa: E402
+from tasks.train import stage as train_stage  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 MANIFEST, IMAGES, BASE = REPO / "data/validated.csv", REPO / "data/images", REPO / "models/base"
@@ -68,7 +69,7 @@ def main() -> int:
         out = out_root / name
         log.info("recipe %s: %s", name, [(s.name, s.epochs, s.trainable) for s in p.stages])
         t0 = time.time()
-        summary = train.run(MANIFEST, IMAGES, BASE, p, params.seed, out / "model.pt", out / "summary.json",
+        summary = train_stage.run(MANIFEST, IMAGES, BASE, p, params.seed, out / "model.pt", out / "summary.json",
                             out / "history.csv", workers=params.data.workers)
         metrics = evaluate.run(out / "model.pt", MANIFEST, IMAGES, out / "metrics.json", out / "predictions.csv",
                                out / "confusion.png", batch_size=p.batch_size, workers=params.data.workers)

@@ -146,6 +146,17 @@ def scale(d: dict) -> list[str]:
     return lines
 
 
+def tta(d: dict) -> list[str]:
+    lines = [f"Checkpoint `{d.get('checkpoint')}` at {d.get('image_size')} px; `export.tta` applies the chosen mode in "
+             "evaluation and inside the exported ONNX graph.", "",
+             "| split | tta | variants | accuracy (95% CI) | macro recall | macro F1 | ms / image (PyTorch, CPU) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d.get("rows", []):
+        lines.append(f"| {r['split']} | {r['tta']} | {r['variants']} | {pct(r['accuracy'], r.get('accuracy_ci'))} | "
+                     f"{pct(r['macro_recall'])} | {pct(r['macro_f1'])} | {num(r['ms_per_image'])} |")
+    return lines
+
+
 def gpu(d: dict) -> list[str]:
     lines = ["```", json.dumps(d.get("info", {}), indent=1)[:2000], "```", ""]
     for r in d.get("results", []):
@@ -155,6 +166,7 @@ def gpu(d: dict) -> list[str]:
 
 SECTIONS = [
     ("ELPV reference (Deitsch et al. protocol)", "elpv.json", ".venv/bin/python bench/bench_elpv.py", elpv),
+    ("Test-time augmentation (export.tta)", "tta.json", ".venv/bin/python bench/bench_tta.py", tta),
     ("Ours vs peers: plain PyTorch, fastai, Lightning", "peers.json", ".venv/bin/python bench/bench_peers.py", peers),
     ("Training throughput: our trainer vs a plain loop", "bench_train.json",
      ".venv/bin/python bench/bench_train.py", train),

@@ -85,3 +85,17 @@ def test_gpu_json_fills_the_gpu_section_and_write_is_atomic(report, tmp_path):
 def test_unreadable_json_is_named_not_a_crash(report, tmp_path):
     (tmp_path / "onnx.json").write_text("{not json")
     assert "`bench/results/onnx.json` could not be rendered" in report.render(tmp_path)
+
+
+def test_tta_section_shows_each_mode_with_its_cost(report, tmp_path):
+    rows = [{"split": "test", "tta": mode, "variants": k, "n": 654, "accuracy": acc, "accuracy_ci": [acc - 0.02, acc + 0.02],
+             "macro_recall": 0.8, "macro_f1": 0.8, "seconds": 1.0, "ms_per_image": ms}
+            for mode, k, acc, ms in (("none", 1, 0.867, 21.5), ("dihedral", 8, 0.8853, 160.25))]
+    (tmp_path / "tta.json").write_text(json.dumps({"command": ".venv/bin/python bench/bench_tta.py", "machine": MACHINE,
+                                                   "date": "2026-11-29 14:00 UTC", "commit": "abc", "rows": rows,
+                                                   "checkpoint": "models/model.pt", "image_size": 224}))
+    text = report.render(tmp_path)
+    section = text.split("## Test-time augmentation")[1].split("\n## ")[0]
+    assert "Command: `.venv/bin/python bench/bench_tta.py`" in section
+    assert "| test | dihedral | 8 | 88.53% (86.5-90.5) |" in section and "| 160.2 |" in section
+    assert "| test | none | 1 | 86.70% (84.7-88.7) |" in section
