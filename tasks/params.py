@@ -188,6 +188,9 @@ class TrainParams(Strict):
         "(class-balanced sampling with replacement) | none")
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.0, "cross-entropy label smoothing")
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(0.0, "max gradient norm; 0 = off")
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(
+        0.0, "weight averaging: an exponential moving average of the weights over steps (e.g. 0.998 averages the last "
+        "~500 steps) is what validation scores and what is kept and exported; 0 = off (docs/training.md)")
     cache_features: bool = doc(True, "cache outputs of frozen layers per augmentation variant (same result, faster)")
     data_store: Literal["auto", "ram", "disk"] = doc(
         "auto", "where decoded train/val images live while training: ram (one uint8 tensor) | disk (a decoded-image "

@@ -29,9 +29,11 @@ class Averaged(nn.Module):
         self.model, self.variants = model, tuple(variants)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        views = torch.cat([apply_variant(x, v) for v in self.variants])  # one batch: faster than 8 small ones
-        log_p = self.model(views).log_softmax(-1).reshape(len(self.variants), n, -1)
+        if torch.onnx.is_in_onnx_export():  # one graph over one batch of all the views: ONNX Runtime runs it well
+            views = torch.cat([apply_variant(x, v) for v in self.variants])
+            log_p = self.model(views).log_softmax(-1).reshape(len(self.variants), x.shape[0], -1)
+        else:  # PyTorch on CPU: one batch per view is 1.8x faster than one 8x batch (measured, 2 cores, 224 px)
+            log_p = torch.stack([self.model(apply_variant(x, v)).log_softmax(-1) for v in self.variants])
         return torch.logsumexp(log_p, 0) - math.log(len(self.variants))
 
 

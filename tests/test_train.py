@@ -336,3 +336,59 @@ def test_a_planted_state_file_never_runs_code(tmp_path, fingerprint):
     assert not marker.exists()
     pickle.loads(state.with_suffix(".pkl").read_bytes())
     assert marker.exists()
+
+
+# ---- weight averaging (train.ema_decay) -------------------------------------------------------
+
+
+def test_weight_average_follows_the_warmed_up_decay_and_restores_the_live_weights():
+    from tasks.train.ema import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = WeightAverage(model, decay=0.5)
+    expected = 0.0
+    for step, value in enumerate([1.0, 2.0, 4.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * value
+    assert ema.shadow["weight"].item() == pytest.approx(expected)
+    with ema.applied(model):
+        assert model.weight.item() == pytest.approx(expected)
+    assert model.weight.item() == 4.0
+
+
+def test_ema_keeps_the_averaged_weights_it_validated(base):
+    from tasks.train.staging import predict_logits
+
+    x, y = toy(n=24)
+    vx, vy = toy(n=8, seed=1)
+    plain, _, _ = fit(fresh(base), ["a", "b"], x, y, vx, vy, two_stages(), MEAN, STD, 3)
+    m, best, history = fit(fresh(base), ["a", "b"], x, y, vx, vy, two_stages(ema_decay=0.9), MEAN, STD, 3)
+    ref = plain.state_dict()
+    assert not all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())  # averaging changed the weights
+    logits = predict_logits(StagedModel(m, "head", "eval"), vx, MEAN, STD, torch.device("cpu"), 16)
+    kept = history[best["global_epoch"] - 1]
+    assert torch.nn.functional.cross_entropy(logits, vy).item() == pytest.approx(kept["val_loss"], abs=1e-5)
+
+
+def test_an_interrupted_ema_run_resumes_to_the_same_weights(base, tmp_path):
+    x, y = toy(n=24)
+    vx, vy = toy(n=8, seed=1)
+    p = two_stages(ema_decay=0.9)
+    m_ref, _, h_ref = fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3)
+
+    def stop(history):
+        if len(history) == 3:
+            raise Interrupt
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, on_epoch=stop, saving=Saving(state, "f"))
+    m, _, h = fit(fresh(base), ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3, saving=Saving(state, "f"))
+    assert comparable(h) == comparable(h_ref)
+    ref = m_ref.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())

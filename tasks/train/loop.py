@@ -9,6 +9,7 @@ seen here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -37,6 +38,7 @@ from tasks.train.augment import (
     stage_size,
     variants_for,
 )
+from tasks.train.ema import WeightAverage
 from tasks.train.optim import make_optimizer, make_scheduler, param_groups
 from tasks.train.runtime import (
     Dist,
@@ -93,6 +95,7 @@ class Run:
     dist: Dist
     saving: Saving
     on_epoch: Callable[[list[dict]], None] | None
+    ema: WeightAverage | None = None  # train.ema_decay > 0: the averaged weights are validated and kept
     gen: torch.Generator = field(init=False)  # batch order and variants: the same on every rank
     aug_gen: torch.Generator = field(init=False)  # crop/jitter: per rank
 
@@ -145,10 +148,14 @@ def fit(model: nn.Module, data: Data, params: TrainParams, mean: list[float], st
         data.train.images, data.val.images = data.train.images.pin_memory(), data.val.images.pin_memory()
     progress, best_weights = saved_state.Progress(), copy.deepcopy(model.state_dict())
     resume = saved_state.load(saving.path, saving.fingerprint) if saving.path is not None and saving.resume else None
+    if params.ema_decay > 0:
+        run.ema = WeightAverage(model, params.ema_decay)
     if resume is not None:
         model.load_state_dict(resume.model)
         progress, best_weights = resume.progress, resume.best_weights
         run.scaler.load_state_dict(resume.scaler)
+        if run.ema is not None:
+            run.ema = WeightAverage(model, params.ema_decay, resume.ema, resume.ema_step)
         log.info("train: resuming from %s after stage %d epoch %d", saving.path, progress.stage_index, progress.epoch)
     previous_optimizer = None
     for index, stage in enumerate(params.stages):
@@ -256,6 +263,8 @@ def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int]:
         run.scaler.step(sr.optimizer)
         run.scaler.update()
         sr.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
         total_loss += loss.item() * len(y)
         seen += len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -288,10 +297,11 @@ def check_finite(loss: torch.Tensor, run: Run, sr: StageRun, epoch: int) -> None
 
 
 def validate(run: Run, sr: StageRun) -> tuple[float, dict]:
-    model_or_staged = sr.staged
+    """Validation loss and metrics of the weights that would be kept (the average when train.ema_decay > 0)."""
     val_y = run.data.val.labels
-    logits = predict_logits(model_or_staged, sr.val_x, run.mean, run.std, run.device, run.params.batch_size * 2,
-                            sr.val_cache, run.precision)
+    with run.ema.applied(run.model) if run.ema is not None else contextlib.nullcontext():
+        logits = predict_logits(sr.staged, sr.val_x, run.mean, run.std, run.device, run.params.batch_size * 2,
+                                sr.val_cache, run.precision)
     val_loss = F.cross_entropy(logits, val_y).item()
     return val_loss, classification_metrics(val_y.numpy(), logits.argmax(1).numpy(), run.data.classes)
 
@@ -315,7 +325,7 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
     if improved:
         progress.best = {"score": score, "stage": stage.name, "epoch": epoch + 1, "global_epoch": len(progress.history),
                          "metric": params.select_metric, "val": val}
-        best_weights = copy.deepcopy(run.model.state_dict())
+        best_weights = copy.deepcopy(run.ema.shadow if run.ema is not None else run.model.state_dict())
     if score > progress.stage_best:
         progress.stage_best, progress.bad_epochs = score, 0
     else:
@@ -336,7 +346,8 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
             saved_state.save(run.saving.path, run.saving.fingerprint, saved_state.Saved(
                 progress=progress, model=run.model.state_dict(), best_weights=best_weights,
                 optimizer=sr.optimizer.state_dict(), scheduler=sr.scheduler.state_dict(),
-                scaler=run.scaler.state_dict(), offsets=sr.offsets, rng=rngs))
+                scaler=run.scaler.state_dict(), offsets=sr.offsets, rng=rngs,
+                ema=run.ema.shadow if run.ema is not None else None, ema_step=run.ema.step if run.ema else 0))
     if run.on_epoch is not None and dist.main:
         run.on_epoch(progress.history)
     return stop, best_weights

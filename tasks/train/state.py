@@ -25,7 +25,7 @@ from tasks.params import PLACEMENT_KEYS, TrainParams
 
 log = logging.getLogger(__name__)
 MAGIC = b"FINETUNE-TRAIN-STATE\n"
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
@@ -53,6 +53,11 @@ class Saved:
     scaler: dict
     offsets: torch.Tensor
     rng: list  # one entry per rank
+    ema: dict | None = None  # the weight average (train.ema_decay > 0) and its step count
+    ema_step: int = 0
+
+
+SAVED_KEYS = ("model", "best_weights", "optimizer", "scheduler", "scaler", "offsets", "rng", "ema", "ema_step")
 
 
 def fingerprint(manifest_path: Path, weights_path: Path, params: TrainParams, seed: int, world: int) -> str:
@@ -64,8 +69,7 @@ def fingerprint(manifest_path: Path, weights_path: Path, params: TrainParams, se
 
 
 def save(path: Path, run_fingerprint: str, saved: Saved) -> None:
-    payload = {k: getattr(saved, k) for k in ("model", "best_weights", "optimizer", "scheduler", "scaler", "offsets",
-                                               "rng")}
+    payload = {k: getattr(saved, k) for k in SAVED_KEYS}
     payload["progress"] = asdict(saved.progress)
     header = json.dumps({"version": VERSION, "fingerprint": run_fingerprint}).encode() + b"\n"
     with atomic_path(Path(path)) as tmp:
@@ -89,8 +93,7 @@ def load(path: Path | None, run_fingerprint: str) -> Saved | None:
                 return None
             payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
         progress = Progress(**{f.name: payload["progress"][f.name] for f in fields(Progress)})
-        return Saved(progress=progress, **{k: payload[k] for k in ("model", "best_weights", "optimizer", "scheduler",
-                                                                     "scaler", "offsets", "rng")})
+        return Saved(progress=progress, **{k: payload[k] for k in SAVED_KEYS})
     except Exception as exc:  # an unreadable or foreign file is not worth failing the run for
         log.warning("train: ignoring unreadable state file %s (%s); starting over", path,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
