@@ -188,6 +188,9 @@ class TrainParams(Strict):
         "(class-balanced sampling with replacement) | none")
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.0, "cross-entropy label smoothing")
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(0.0, "max gradient norm; 0 = off")
+    soft_targets: bool = doc(
+        False, "elpv binary: train each cell against its defect probability (0, 1/3, 2/3, 1: the experts' confidence) "
+        "instead of the thresholded label; validation, selection and the test split still use the labels")
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(
         0.0, "weight averaging: an exponential moving average of the weights over steps (e.g. 0.998 averages the last "
         "~500 steps) is what validation scores and what is kept and exported; 0 = off (docs/training.md)")
@@ -361,6 +364,14 @@ class Params(Strict):
             raise ValueError("export.tta: dihedral averages over rotated and mirrored images, which is only right "
                              "when data.orientation_invariant is true (it is false for this data source); use "
                              "hflip or none")
+        return self
+
+    @model_validator(mode="after")
+    def _soft_targets_need_probabilities(self) -> "Params":
+        if self.train.soft_targets and (self.data.source != "elpv" or self.data.task != "binary"):
+            raise ValueError("train.soft_targets: true needs ELPV's defect probabilities (data.source: elpv, "
+                             f"data.task: binary); here data.source is {self.data.source!r}, data.task "
+                             f"{self.data.task!r}")
         return self
 
 

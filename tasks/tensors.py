@@ -76,6 +76,19 @@ def split_labels(manifest: pd.DataFrame, split: str, classes: list[str]) -> torc
                         dtype=torch.long)
 
 
+def split_soft_targets(manifest: pd.DataFrame, split: str, classes: list[str], positive: str) -> torch.Tensor:
+    """(N, 2) float targets of one split's rows from the manifest's `probability` column: `positive` gets the
+    probability, the other class the rest (ELPV: P(defective) as the experts rated the cell)."""
+    if "probability" not in manifest.columns or len(classes) != 2 or positive not in classes:
+        raise ValueError(f"soft targets need a 'probability' column and two classes including {positive!r}; "
+                         f"got columns {list(manifest.columns)} and classes {classes}")
+    p = torch.tensor(manifest.loc[manifest["split"] == split, "probability"].astype(float).to_numpy(),
+                     dtype=torch.float32)
+    soft = torch.empty(len(p), 2)
+    soft[:, classes.index(positive)], soft[:, 1 - classes.index(positive)] = p, 1 - p
+    return soft
+
+
 def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
     """Variant v (0..7) of the dihedral group of a square batch (N, C, H, W): rotate by (v % 4) * 90 degrees, then
     mirror left-right if v >= 4. Variant 0 is the identity, 4 the horizontal flip. Used by training's augmentation

@@ -392,3 +392,47 @@ def test_an_interrupted_ema_run_resumes_to_the_same_weights(base, tmp_path):
     assert comparable(h) == comparable(h_ref)
     ref = m_ref.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+
+
+# ---- soft targets (train.soft_targets) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_one_hot_soft_targets_give_exactly_the_label_loss(smoothing):
+    from tasks.train.loop import classification_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(12, 2, generator=g), torch.tensor([0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1])
+    w = class_weights(y, 2)
+    one_hot = torch.nn.functional.one_hot(y, 2).float()
+    for weight in (None, w):
+        hard = classification_loss(logits, y, weight, smoothing)
+        assert classification_loss(logits, one_hot, weight, smoothing).item() == pytest.approx(hard.item(), abs=1e-6)
+
+
+def test_soft_targets_come_from_the_defect_probability_and_change_training(base):
+    import pandas as pd
+
+    from tasks.tensors import split_soft_targets
+    from tests.conftest import fit as fit_
+
+    manifest = pd.DataFrame({"split": ["train", "train", "val", "train"], "probability": [0.0, 2 / 3, 1.0, 1 / 3]})
+    soft = split_soft_targets(manifest, "train", ["defective", "functional"], "defective")
+    assert torch.allclose(soft, torch.tensor([[0.0, 1.0], [2 / 3, 1 / 3], [1 / 3, 2 / 3]]))
+    with pytest.raises(ValueError, match="probability"):
+        split_soft_targets(manifest.drop(columns="probability"), "train", ["defective", "functional"], "defective")
+
+    from tasks.train.loop import Data, Split
+    from tasks.train.loop import fit as loop_fit
+
+    x, y = toy(n=16)
+    p = params(StageParams(name="frozen", epochs=1, trainable="head", lr=3e-2))
+    hard_model, _, _ = fit_(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
+    hedged = torch.nn.functional.one_hot(y, 2).float() * 0.6 + 0.2  # every target 0.8 / 0.2
+    data = Data(["a", "b"], Split(x, y, hedged), Split(x, y))
+    soft_model, _, _ = loop_fit(fresh(base), data, p, MEAN, STD, 0, torch.device("cpu"))
+    one_hot = Data(["a", "b"], Split(x, y, torch.nn.functional.one_hot(y, 2).float()), Split(x, y))
+    same_model, _, _ = loop_fit(fresh(base), one_hot, p, MEAN, STD, 0, torch.device("cpu"))
+    hard, soft, same = hard_model.state_dict(), soft_model.state_dict(), same_model.state_dict()
+    assert not torch.allclose(soft["classifier.weight"], hard["classifier.weight"])
+    assert all(torch.allclose(same[k], v, atol=1e-6) for k, v in hard.items())

@@ -63,6 +63,7 @@ log = logging.getLogger("tasks.train")
 class Split:
     images: torch.Tensor | ImageStore  # uint8 (N, 3, S, S), in memory or on disk (the same values either way)
     labels: torch.Tensor  # long (N,)
+    soft: torch.Tensor | None = None  # float (N, classes): training targets instead of the labels (train.soft_targets)
 
 
 @dataclass
@@ -253,7 +254,7 @@ def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int]:
         x, y = batch_inputs(run, sr, idx, choice[idx])
         with run.precision.autocast(device):
             logits = sr.step_fn(x)
-        loss = F.cross_entropy(logits.float(), y, weight=run.loss_weight, label_smoothing=params.label_smoothing)
+        loss = classification_loss(logits.float(), y, run.loss_weight, params.label_smoothing)
         check_finite(loss, run, sr, epoch)
         sr.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
@@ -282,8 +283,21 @@ def batch_inputs(run: Run, sr: StageRun, idx: torch.Tensor, var: torch.Tensor) -
         else:
             inputs.append(prepare(sr.train_x[sub], v, run.mean, run.std, run.device, run.extra_aug,
                                   run.params.crop_scale, run.params.jitter, run.aug_gen))
-        targets.append(run.data.train.labels[sub])
+        soft = run.data.train.soft
+        targets.append(run.data.train.labels[sub] if soft is None else soft[sub])
     return torch.cat(inputs), torch.cat(targets).to(run.device, non_blocking=True)
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                        smoothing: float) -> torch.Tensor:
+    """Cross-entropy against label indices or against soft targets (rows of class probabilities). Soft targets are
+    weighted like the labels they would round to: sum(w * t * -log p) / sum(w * t), so one-hot targets give exactly
+    the loss of their indices."""
+    if not y.is_floating_point():
+        return F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+    t = y * (1 - smoothing) + smoothing / y.shape[1]
+    w = torch.ones(y.shape[1], device=y.device) if weight is None else weight
+    return -(t * w * logits.log_softmax(1)).sum() / (y * w).sum()
 
 
 def check_finite(loss: torch.Tensor, run: Run, sr: StageRun, epoch: int) -> None:

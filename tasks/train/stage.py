@@ -26,7 +26,7 @@ from tasks.imagestore import cache_root, split_store, store_folder
 from tasks.manifest import classes_of, read_manifest
 from tasks.params import Params, TrainParams, augmentations
 from tasks.preprocess import Preprocessing
-from tasks.tensors import split_arrays, split_labels
+from tasks.tensors import split_arrays, split_labels, split_soft_targets
 from tasks.train import state as saved_state
 from tasks.train.budget import Plan, plan
 from tasks.train.loop import Data, Saving, Split, fit
@@ -94,7 +94,8 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
         log.info("train: %d train / %d val images at %d px on %s (%d threads%s), classes %s", len(train_x),
                  len(val_x), size, device, torch.get_num_threads(),
                  f", {dist.world} processes" if dist.world > 1 else "", classes)
-    data = Data(classes, Split(train_x, train_y), Split(val_x, val_y),
+    soft = split_soft_targets(manifest, "train", classes, "defective") if params.soft_targets else None
+    data = Data(classes, Split(train_x, train_y, soft), Split(val_x, val_y),
                 feature_spill=cache_root(images_dir) if layout.features == "disk" else None)
     model, best, history = fit(model, data, params, mean, std, seed, device, dist, saving,
                                on_epoch=lambda h: write_history(history_path, h))
