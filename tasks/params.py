@@ -312,7 +312,7 @@ class ExportParams(Strict):
         "none", "test-time augmentation inside the exported model, and in evaluation so the gates judge what ships: "
         "none | hflip (mean of the image's and its mirror's probabilities; 2x inference cost) | dihedral (mean over "
         "the 8 rotations/mirrors; needs data.orientation_invariant; ELPV: +1.8-2.3 points accuracy, 8 forward passes "
-        "per image, measured 33x the time per image in PyTorch on 2 CPU cores: docs/benchmarks.md)")
+        "per image, measured 8.5x the time per image in PyTorch on 2 CPU cores: docs/benchmarks.md)")
 
 
 class OrchestrationParams(Strict):
