@@ -149,15 +149,13 @@ def fit(model: nn.Module, data: Data, params: TrainParams, mean: list[float], st
         data.train.images, data.val.images = data.train.images.pin_memory(), data.val.images.pin_memory()
     progress, best_weights = saved_state.Progress(), copy.deepcopy(model.state_dict())
     resume = saved_state.load(saving.path, saving.fingerprint) if saving.path is not None and saving.resume else None
-    if params.ema_decay > 0:
-        run.ema = WeightAverage(model, params.ema_decay)
     if resume is not None:
         model.load_state_dict(resume.model)
         progress, best_weights = resume.progress, resume.best_weights
         run.scaler.load_state_dict(resume.scaler)
-        if run.ema is not None:
-            run.ema = WeightAverage(model, params.ema_decay, resume.ema, resume.ema_step)
         log.info("train: resuming from %s after stage %d epoch %d", saving.path, progress.stage_index, progress.epoch)
+    if params.ema_decay > 0:  # a resumed run continues its saved average
+        run.ema = WeightAverage(model, params.ema_decay, *((resume.ema, resume.ema_step) if resume else ()))
     previous_optimizer = None
     for index, stage in enumerate(params.stages):
         if stage.epochs == 0 or (resume is not None and index < resume.progress.stage_index):
@@ -361,7 +359,7 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
                 progress=progress, model=run.model.state_dict(), best_weights=best_weights,
                 optimizer=sr.optimizer.state_dict(), scheduler=sr.scheduler.state_dict(),
                 scaler=run.scaler.state_dict(), offsets=sr.offsets, rng=rngs,
-                ema=run.ema.shadow if run.ema is not None else None, ema_step=run.ema.step if run.ema else 0))
+                ema=run.ema.shadow if run.ema else None, ema_step=run.ema.step if run.ema else 0))
     if run.on_epoch is not None and dist.main:
         run.on_epoch(progress.history)
     return stop, best_weights
