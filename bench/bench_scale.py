@@ -10,8 +10,12 @@ table also shows the weights' equality between the two runs.
     .venv/bin/python bench/bench_scale.py --sizes 2000          # ~10 min on 2 busy cores
     .venv/bin/python bench/bench_scale.py                       # 2,000 and 20,000
     .venv/bin/python bench/bench_scale.py --with-100k           # adds 100,000 (48 min for all three on 2 loaded cores; ~2 GB of PNGs)
+    .venv/bin/python bench/bench_scale.py --data-only --with-100k   # ingest and validate only (minutes)
 
-Prints a table and writes bench/results/scale.json. Work folders go under --workdir (kept with --keep).
+Ingest and validation run under `/usr/bin/time -v` too, so each stage's wall time, images/s and peak RSS
+are in the results. Prints tables and writes bench/results/scale.json (with --data-only:
+bench/results/scale_data.json, so a data-only run never replaces the training numbers). Work folders go
+under --workdir (kept with --keep).
 """
 
 from __future__ import annotations
@@ -73,6 +77,20 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def timed(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float]:
+    """`cmd` under /usr/bin/time -v: the finished process, its wall seconds and its peak RSS in MB (from outside)."""
+    t0 = time.perf_counter()
+    proc = run(["/usr/bin/time", "-v", *cmd], cwd)
+    wall = time.perf_counter() - t0
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return proc, wall, rss_kb / 1024
+
+
+def timed_stage(stage: str, project: Path, n: int) -> dict:
+    _, wall, rss_mb = timed([sys.executable, "-m", "finetune", "stage", stage], project)
+    return {"wall_s": round(wall, 1), "images_per_s": round(n / wall, 1), "peak_rss_mb": round(rss_mb, 1)}
+
+
 def timed_train(project: Path, store: str) -> dict:
     """One training process under /usr/bin/time -v: wall, peak RSS (from outside), images/s from its history."""
     from tasks.params import write_overrides
@@ -81,20 +99,17 @@ def timed_train(project: Path, store: str) -> dict:
     params.write_text((project / "params.yaml").read_text())
     write_overrides(params, [f"train.data_store={store}", f"train.feature_store={store}"])
     out = project / "out" / store
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "tasks.train", "--params", str(params), "--manifest",
+    cmd = [sys.executable, "-m", "tasks.train", "--params", str(params), "--manifest",
            "data/manifest.csv", "--checkpoint", str(out / "model.pt"), "--metrics", str(out / "summary.json"),
            "--history", str(out / "history.csv"), "--state", str(out / "state.pt"), "--no-resume"]
-    t0 = time.perf_counter()
-    proc = run(cmd, project)
-    wall = time.perf_counter() - t0
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    proc, wall, rss_mb = timed(cmd, project)
     summary = json.loads((out / "summary.json").read_text())
     import pandas as pd
 
     history = pd.read_csv(out / "history.csv")
     estimate = next((line.split("train: ", 2)[-1] for line in proc.stderr.splitlines() if "memory budget" in line), "")
     return {"store": store, "wall_s": round(wall, 1), "train_wall_s": summary["wall_time_s"], "estimate": estimate,
-            "peak_rss_mb": round(rss_kb / 1024, 1), "images_per_s": round(float(history["images_per_s"].mean()), 1),
+            "peak_rss_mb": round(rss_mb, 1), "images_per_s": round(float(history["images_per_s"].mean()), 1),
             "n_train": summary["n_train"], "n_val": summary["n_val"],
             "placed": [summary["data_store"], summary["feature_store"]]}
 
@@ -106,7 +121,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def bench_size(n: int, workdir: Path, base: Path | None) -> tuple[dict, Path]:
+def bench_size(n: int, workdir: Path, base: Path | None, train: bool = True) -> tuple[dict, Path | None]:
     from tasks.params import write_overrides
 
     project = workdir / f"n{n}"
@@ -117,9 +132,10 @@ def bench_size(n: int, workdir: Path, base: Path | None) -> tuple[dict, Path]:
     gen_s = time.perf_counter() - t0
     (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
     write_overrides(project / "params.yaml", SETTINGS)
-    t0 = time.perf_counter()
-    run([sys.executable, "-m", "finetune", "stage", "ingest"], project)
-    ingest_s = time.perf_counter() - t0
+    stages = {stage: timed_stage(stage, project, n) for stage in ("ingest", "validate")}
+    data = {"images": n, "generate_s": round(gen_s, 1), "ingest_s": stages["ingest"]["wall_s"], "stages": stages}
+    if not train:
+        return data, base
     if base is None:
         run([sys.executable, "-m", "finetune", "stage", "fetch-model"], project)
         base = project / "models" / "base"
@@ -127,8 +143,7 @@ def bench_size(n: int, workdir: Path, base: Path | None) -> tuple[dict, Path]:
         shutil.copytree(base, project / "models" / "base")
     runs = [timed_train(project, store) for store in ("ram", "disk")]
     store_mb = sum(f.stat().st_size for f in (project / ".finetune" / "cache").rglob("images.u8")) / 2**20
-    result = {"images": n, "generate_s": round(gen_s, 1), "ingest_s": round(ingest_s, 1), "runs": runs,
-              "store_mb": round(store_mb, 1),
+    result = {**data, "runs": runs, "store_mb": round(store_mb, 1),
               "weights_equal": same_weights(project / "out" / "ram" / "model.pt", project / "out" / "disk" / "model.pt")}
     return result, base
 
@@ -166,15 +181,20 @@ def main() -> int:
     ap.add_argument("--with-100k", action="store_true", help="add 100,000 images (~48 min for 2k+20k+100k on 2 loaded cores)")
     ap.add_argument("--workdir", type=Path, default=None, help="where projects are generated (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated projects")
-    ap.add_argument("--out", default=str(REPO / "bench/results/scale.json"))
+    ap.add_argument("--data-only", action="store_true", help="ingest and validate only (no training)")
+    ap.add_argument("--out", default=None, help="JSON file (default: bench/results/scale.json, or scale_data.json "
+                    "with --data-only)")
     args = ap.parse_args()
+    out = Path(args.out or REPO / "bench" / "results" / ("scale_data.json" if args.data_only else "scale.json"))
     sizes = sorted(set(args.sizes) | ({100_000} if args.with_100k else set()))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     results, base, projections = [], None, []
     try:
         for n in sizes:
-            result, base = bench_size(n, workdir, base)
+            result, base = bench_size(n, workdir, base, train=not args.data_only)
             results.append(result)
+            if args.data_only:
+                continue
             if n == sizes[-1]:
                 projections = [projection(workdir / f"n{n}", 1_000_000, s) for s in ("bench", "default")]
             if base.is_relative_to(workdir / f"n{n}"):  # keep the weights for the next size
@@ -187,9 +207,16 @@ def main() -> int:
     report = {"results": results, "settings": SETTINGS, "projected_1m": projections,
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "load_avg": os.getloadavg()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print("| images | store | wall s | train s | images/s | peak RSS MB | placed (images, features) | weights equal |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print("| images | stage | wall s | images/s | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        for stage, t in r["stages"].items():
+            print(f"| {r['images']:,} | {stage} | {t['wall_s']} | {t['images_per_s']} | {t['peak_rss_mb']} |")
+    if args.data_only:
+        return 0
+    print("\n| images | store | wall s | train s | images/s | peak RSS MB | placed (images, features) | weights equal |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         for t in r["runs"]:

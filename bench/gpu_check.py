@@ -3,7 +3,9 @@ scaling), channels_last (always on in the trainer), torch.compile, and DDP throu
 
 Runs the real `tasks.train.fit` on synthetic images with the bundled EfficientNet-Lite0, one
 stage at a time (frozen head on cached features; all layers), and reports the images/s of the
-last epoch (the first one pays for cudnn autotuning, compilation and the cache).
+last epoch (the first one pays for cudnn autotuning, compilation and the cache) and how long each
+step waited for its batch (`data_wait_s` of the history), with batches prefetched on a background
+thread (`train.prefetch_batches`, pinned memory and a side CUDA stream) and, for comparison, read inline.
 
     python bench/gpu_check.py                      # on a CUDA machine: every check, ~3-5 min on one GPU
     python bench/gpu_check.py --device cpu --images 64 --size 96 --epochs 1   # smoke test of the script itself
@@ -45,14 +47,14 @@ def synthetic(n: int, size: int, seed: int = 0):
     return x.to(torch.uint8), y
 
 
-def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dist=Dist()) -> dict:
+def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dist=Dist(), prefetch: int = 2) -> dict:
     x, y = synthetic(args.n, args.size)
     vx, vy = synthetic(max(32, args.n // 8), args.size, seed=1)
     model, _ = models.create("bundled", "efficientnet_lite0", "imagenet")
     model = models.with_new_head(model, 2, seed=0)
     params = TrainParams(image_size=args.size, cpu_image_size=args.size, batch_size=args.batch_size, amp=amp,
                          augment=DIHEDRAL_AUGMENT,
-                         compile=compile_, imbalance="none", stages=[
+                         compile=compile_, imbalance="none", prefetch_batches=prefetch, stages=[
                              StageParams(name="s", epochs=args.epochs, trainable=trainable, lr=1e-3, bn="eval")])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -61,7 +63,9 @@ def one_run(args, amp: str, compile_: bool, trainable, device: torch.device, dis
     _, best, history = fit(model, Data(["a", "b"], Split(x, y), Split(vx, vy)), params, MEAN, STD, 0, device, dist)
     wall = time.time() - t0
     last = history[-1]
+    steps = max(1, args.n // dist.world // args.batch_size)
     return {"amp": amp, "compile": compile_, "trainable": str(trainable), "images_per_s": round(last["images_per_s"], 1),
+            "prefetch_batches": prefetch, "data_wait_ms_per_step": round(1000 * last["data_wait_s"] / steps, 2),
             "first_epoch_s": round(history[0]["seconds"], 1), "wall_s": round(wall, 1),
             "val_accuracy": round(best["val"]["accuracy"], 3), "train_loss": round(last["train_loss"], 4),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
@@ -126,19 +130,23 @@ def main() -> int:
         for amp in amps:
             results.append(one_run(args, amp, False, trainable, device))
             print(results[-1], flush=True)
+    results.append(one_run(args, "bf16" if device.type == "cuda" else "off", False, "all", device, prefetch=0))
+    print(results[-1], flush=True)  # the same as the run above it but reading batches inline: what prefetching buys
     if not args.skip_compile and device.type == "cuda":
         results.append(one_run(args, "bf16", True, "all", device))
         print(results[-1], flush=True)
     if not args.skip_ddp:
         results.append(run_ddp(args))
         print(results[-1], flush=True)
-    print(f"\n{'trainable':9} {'amp':5} {'compile':7} {'procs':5} {'img/s':>8} {'1st epoch s':>11} {'val acc':>7} {'mem GB':>6}")
+    print(f"\n{'trainable':9} {'amp':5} {'compile':7} {'procs':5} {'prefetch':8} {'img/s':>8} {'wait ms/step':>12} "
+          f"{'1st epoch s':>11} {'val acc':>7} {'mem GB':>6}")
     for r in results:
         if "error" in r:
             print(f"{r['trainable']:9} {r['amp']:5} {'-':7} {r['processes']:5} FAILED: {r['error'][-120:]}")
             continue
-        print(f"{r['trainable']:9} {r['amp']:5} {str(r['compile']):7} {r['processes']:5} {r['images_per_s']:8.1f} "
-              f"{r['first_epoch_s']:11.1f} {r['val_accuracy']:7.3f} {str(r['peak_mem_gb']):>6}")
+        print(f"{r['trainable']:9} {r['amp']:5} {str(r['compile']):7} {r['processes']:5} {r['prefetch_batches']:8} "
+              f"{r['images_per_s']:8.1f} {r['data_wait_ms_per_step']:12.2f} {r['first_epoch_s']:11.1f} "
+              f"{r['val_accuracy']:7.3f} {str(r['peak_mem_gb']):>6}")
     info = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "n": args.n, "size": args.size,
             "batch_size": args.batch_size, "epochs": args.epochs}

@@ -143,6 +143,14 @@ def scale(d: dict) -> list[str]:
         for t in r.get("runs", []):
             lines.append(f"| {r['images']:,} | {t['store']} | {t['wall_s']} | {t['images_per_s']} | {t['peak_rss_mb']} "
                          f"| {r.get('weights_equal')} |")
+    return lines + ["", *data_stages(d)] if any("stages" in r for r in d.get("results", [])) else lines
+
+
+def data_stages(d: dict) -> list[str]:
+    lines = ["| images | stage | wall s | images/s | peak RSS MB |", "| --- | --- | --- | --- | --- |"]
+    for r in d.get("results", []):
+        for stage, t in r.get("stages", {}).items():
+            lines.append(f"| {r['images']:,} | {stage} | {t['wall_s']} | {t['images_per_s']} | {t['peak_rss_mb']} |")
     return lines
 
 
@@ -174,6 +182,8 @@ SECTIONS = [
     ("Serving under load", "serving.json", ".venv/bin/python bench/bench_serving.py", serving),
     ("Staged vs single-stage recipes", "recipes.json", ".venv/bin/python bench/bench_recipes.py", recipes),
     ("Training memory vs data size", "scale.json", ".venv/bin/python bench/bench_scale.py", scale),
+    ("Ingest and validation memory vs data size", "scale_data.json",
+     ".venv/bin/python bench/bench_scale.py --data-only --with-100k", data_stages),
 ]
 GPU = ("GPU", "gpu_check.json", "python bench/gpu_check.py   # on a CUDA machine", gpu)
 

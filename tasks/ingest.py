@@ -192,13 +192,22 @@ def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[s
     return split
 
 
-def probe_all(sources: list[str], workers: int, max_pixels: int) -> pd.DataFrame:
-    """Probe every image in parallel (PIL releases the GIL while decoding), with a progress bar."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        rows = list(
-            tqdm(pool.map(lambda s: probe_image(s, max_pixels), sources), total=len(sources), desc="probe images", unit="img", disable=None)
-        )
-    return pd.DataFrame(rows)
+PROBE_CHUNK = 4096  # images probed per chunk: one chunk's rows are Python objects, the rest are columns
+
+
+def probe_all(sources: list[str], workers: int, max_pixels: int, chunk: int = PROBE_CHUNK) -> pd.DataFrame:
+    """Probe every image in parallel (PIL releases the GIL while decoding), with a progress bar. Chunk by chunk:
+    only one chunk's futures and row dicts exist at a time (a million submitted at once would cost ~1 KB each)."""
+    parts = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(sources), desc="probe images", unit="img", disable=None) as bar:
+        for start in range(0, len(sources), chunk):
+            rows = []
+            for row in pool.map(lambda s: probe_image(s, max_pixels), sources[start : start + chunk]):
+                rows.append(row)
+                bar.update()
+            parts.append(pd.DataFrame(rows))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def source_table(source: str, path: str | None, task: str, defect_threshold: float,

@@ -99,3 +99,14 @@ def test_tta_section_shows_each_mode_with_its_cost(report, tmp_path):
     assert "Command: `.venv/bin/python bench/bench_tta.py`" in section
     assert "| test | dihedral | 8 | 88.53% (86.5-90.5) |" in section and "| 160.2 |" in section
     assert "| test | none | 1 | 86.70% (84.7-88.7) |" in section
+
+
+def test_data_stages_section_shows_each_stage_per_size(report, tmp_path):
+    results = [{"images": n, "stages": {"ingest": {"wall_s": w, "images_per_s": n / w, "peak_rss_mb": rss},
+                                        "validate": {"wall_s": 2.0, "images_per_s": n / 2, "peak_rss_mb": 300.5}}}
+               for n, w, rss in ((2000, 4.0, 250.0), (100_000, 50.0, 420.0))]
+    (tmp_path / "scale_data.json").write_text(json.dumps({"results": results, "machine": MACHINE}))
+    text = report.render(tmp_path)
+    section = text.split("## Ingest and validation memory vs data size")[1].split("\n## ")[0]
+    assert "| 100,000 | ingest | 50.0 | 2000.0 | 420.0 |" in section and "| 2,000 | validate | 2.0 | 1000.0 | 300.5 |" in section
+    assert "## Training memory vs data size\n\nnot measured" in text  # the training numbers are a separate file

@@ -130,7 +130,7 @@ def test_where_data_lives_is_not_part_of_the_resume_fingerprint(tmp_path):
     def fp(**kw):
         return saved_state.fingerprint(tmp_path / "m.csv", tmp_path / "w.pt", p.model_copy(update=kw), 0, 1)
 
-    assert fp() == fp(data_store="disk", feature_store="disk", memory_budget_mb=123) != fp(cache_features=False)
+    assert fp() == fp(data_store="disk", feature_store="disk", memory_budget_mb=123, prefetch_batches=0) != fp(cache_features=False)
 
 
 def test_the_budget_puts_images_then_features_on_disk(base, tmp_path):  # noqa: F811

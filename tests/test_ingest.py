@@ -78,3 +78,15 @@ def test_elpv_source_is_pinned_by_content(tmp_path):
         ingest.check_elpv_source(tmp_path)
     with pytest.raises(ingest.SourceError, match="not found"):
         ingest.check_elpv_source(tmp_path / "nowhere")
+
+
+def test_probing_chunk_by_chunk_gives_the_same_rows_in_order(tmp_path):
+    from tests.conftest import make_dataset
+
+    folder = make_dataset(tmp_path / "images", per_class=5, size=24)
+    (folder / "dark" / "empty.png").write_bytes(b"")
+    sources = sorted(str(p) for p in folder.rglob("*.png"))
+    whole = ingest.probe_all(sources, workers=2, max_pixels=10_000_000)
+    assert len(whole) == len(sources) == 11 and (~whole["decodes_ok"]).sum() == 1
+    pd.testing.assert_frame_equal(ingest.probe_all(sources, workers=2, max_pixels=10_000_000, chunk=3), whole)
+    assert ingest.probe_all([], workers=2, max_pixels=10_000_000).empty

@@ -139,7 +139,7 @@ def artifacts_of(flow_run_id) -> dict[str, object]:
 # Outputs holding no wall-clock timings: DVC's hashes of these must match between two runs of the same params.
 # (Metrics, histories, reports and models record seconds or images/s; they are compared without them.)
 TIMELESS = ("tasks/", "flows/", "raw", "data/", "params.yaml", "reports/eval/predictions.csv")
-TIMINGS = {"seconds", "images_per_s", "wall_time_s", "time_s"}
+TIMINGS = {"seconds", "images_per_s", "data_wait_s", "wall_time_s", "time_s"}
 
 
 def timeless(root: Path, rel: str) -> object:

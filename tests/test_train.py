@@ -166,7 +166,7 @@ def two_stages(**kw):
 
 
 def comparable(history):
-    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s", "data_wait_s")} for h in history]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from tasks.train.augment import (
 )
 from tasks.train.ema import WeightAverage
 from tasks.train.optim import make_optimizer, make_scheduler, param_groups
+from tasks.train.prefetch import Batch, DeviceCopy, Prefetcher
 from tasks.train.runtime import (
     Dist,
     TrainingError,
@@ -112,6 +113,7 @@ class Run:
         self.extra_aug = set(self.params.augment) - DIHEDRAL
         # progressive resizing: only full-size epochs may be selected (the checkpoint is used at full size)
         self.any_full = any(s.image_scale == 1.0 and s.epochs > 0 for s in self.params.stages)
+        self.copy = DeviceCopy(self.device)  # prefetched batches to the GPU on a side stream (CUDA only)
 
 
 @dataclass
@@ -145,8 +147,6 @@ def fit(model: nn.Module, data: Data, params: TrainParams, mean: list[float], st
         torch.manual_seed(seed + 7919 * dist.rank)  # dropout masks: independent per rank
     run.aug_gen = torch.Generator().manual_seed(seed + 1000 * (dist.rank + 1))
     model.to(device).to(memory_format=torch.channels_last)
-    if device.type == "cuda" and isinstance(data.train.images, torch.Tensor):
-        data.train.images, data.val.images = data.train.images.pin_memory(), data.val.images.pin_memory()
     progress, best_weights = saved_state.Progress(), copy.deepcopy(model.state_dict())
     resume = saved_state.load(saving.path, saving.fingerprint) if saving.path is not None and saving.resume else None
     if resume is not None:
@@ -223,17 +223,18 @@ def run_stage(run: Run, index: int, stage: StageParams, progress: saved_state.Pr
                  n_trainable, stage.optimizer, stage.lr, stage.backbone_lr_mult, stage.bn, sr.use_cache)
     for epoch in range(start_epoch, stage.epochs):
         t0 = time.time()
-        loss, seen = train_epoch(run, sr, epoch)
+        loss, seen, waited = train_epoch(run, sr, epoch)
         val_loss, val_metrics = validate(run, sr)
         stop, best_weights = end_epoch(run, sr, progress, best_weights, epoch, loss, seen, val_loss, val_metrics,
-                                       time.time() - t0)
+                                       time.time() - t0, waited)
         if stop:
             break
     return sr.optimizer, best_weights
 
 
-def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int]:
-    """One pass over the training images; returns the summed loss and the image count (all ranks)."""
+def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int, float]:
+    """One pass over the training images; returns the summed loss and the image count (all ranks) and the seconds
+    this rank's steps waited for their batches."""
     params, dist, device = run.params, run.dist, run.device
     sr.staged.train_mode()
     order = epoch_order(len(sr.train_x), run.sample_weight, run.gen)
@@ -245,45 +246,60 @@ def train_epoch(run: Run, sr: StageRun, epoch: int) -> tuple[float, int]:
         for v in run.variants.tolist():
             sr.train_cache.fill(v, mine[choice[mine] == v], desc=f"cache features (variant {v})" if dist.main else None)
     total_loss, seen = 0.0, 0
-    bar = tqdm(batches, desc=f"{sr.stage.name} {epoch + 1}/{sr.stage.epochs}", unit="batch", leave=False,
-               disable=None if dist.main else True)
-    for b, idx in enumerate(bar):
-        crash_point(f"train:step:stage={sr.index}:epoch={epoch}:batch={b}")
-        x, y = batch_inputs(run, sr, idx, choice[idx])
-        with run.precision.autocast(device):
-            logits = sr.step_fn(x)
-        loss = classification_loss(logits.float(), y, run.loss_weight, params.label_smoothing)
-        check_finite(loss, run, sr, epoch)
-        sr.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if params.grad_clip > 0:
-            run.scaler.unscale_(sr.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in sr.groups for p in g["params"]], params.grad_clip)
-        run.scaler.step(sr.optimizer)
-        run.scaler.update()
-        sr.scheduler.step()
-        if run.ema is not None:
-            run.ema.update(run.model)
-        total_loss += loss.item() * len(y)
-        seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    ahead = Prefetcher(lambda idx: run.copy(fetch_batch(run, sr, idx, choice[idx])), batches, params.prefetch_batches)
+    with ahead:
+        bar = tqdm(ahead, total=len(batches), desc=f"{sr.stage.name} {epoch + 1}/{sr.stage.epochs}", unit="batch",
+                   leave=False, disable=None if dist.main else True)
+        for b, batch in enumerate(bar):
+            crash_point(f"train:step:stage={sr.index}:epoch={epoch}:batch={b}")
+            x, y = batch_inputs(run, sr, run.copy.arrived(batch))
+            loss = train_step(run, sr, x, y, epoch)
+            total_loss += loss * len(y)
+            seen += len(y)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
     total_loss, seen = sum_over_ranks([total_loss, float(seen)], dist, device)
-    return total_loss, int(seen)
+    return total_loss, int(seen), ahead.wait_s
 
 
-def batch_inputs(run: Run, sr: StageRun, idx: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch the step sees: cached features or augmented images, grouped by variant."""
-    inputs, targets = [], []
+def train_step(run: Run, sr: StageRun, x: torch.Tensor, y: torch.Tensor, epoch: int) -> float:
+    """One optimizer step on a batch; returns its loss."""
+    params, device = run.params, run.device
+    with run.precision.autocast(device):
+        logits = sr.step_fn(x)
+    loss = classification_loss(logits.float(), y, run.loss_weight, params.label_smoothing)
+    check_finite(loss, run, sr, epoch)
+    sr.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if params.grad_clip > 0:
+        run.scaler.unscale_(sr.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in sr.groups for p in g["params"]], params.grad_clip)
+    run.scaler.step(sr.optimizer)
+    run.scaler.update()
+    sr.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    return loss.item()
+
+
+def fetch_batch(run: Run, sr: StageRun, idx: torch.Tensor, var: torch.Tensor) -> Batch:
+    """The rows a batch needs, grouped by variant: cached features or uint8 images, and the targets. Reads only
+    (it runs on the prefetch thread): nothing random, nothing computed."""
+    groups, targets = [], []
+    soft = run.data.train.soft
     for v in var.unique().tolist():
         sub = idx[var == v]
-        if sr.use_cache:
-            inputs.append(sr.train_cache.get(v, sub).to(run.device, non_blocking=True))
-        else:
-            inputs.append(prepare(sr.train_x[sub], v, run.mean, run.std, run.device, run.extra_aug,
-                                  run.params.crop_scale, run.params.jitter, run.aug_gen))
-        soft = run.data.train.soft
+        groups.append((v, sr.train_cache.read(v, sub) if sr.use_cache else sr.train_x[sub]))
         targets.append(run.data.train.labels[sub] if soft is None else soft[sub])
-    return torch.cat(inputs), torch.cat(targets).to(run.device, non_blocking=True)
+    return Batch(groups, torch.cat(targets))
+
+
+def batch_inputs(run: Run, sr: StageRun, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the step sees: the cached features, or the images augmented (on the training thread, so the random
+    draws come in the same order whether or not batches are prefetched)."""
+    inputs = [rows.to(run.device, non_blocking=True) if sr.use_cache else
+              prepare(rows, v, run.mean, run.std, run.device, run.extra_aug, run.params.crop_scale, run.params.jitter,
+                      run.aug_gen) for v, rows in batch.groups]
+    return torch.cat(inputs), batch.targets.to(run.device, non_blocking=True)
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
@@ -319,7 +335,7 @@ def validate(run: Run, sr: StageRun) -> tuple[float, dict]:
 
 
 def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weights: dict, epoch: int, loss: float,
-              seen: int, val_loss: float, val: dict, seconds: float) -> tuple[bool, dict]:
+              seen: int, val_loss: float, val: dict, seconds: float, waited: float = 0.0) -> tuple[bool, dict]:
     """Record the epoch, keep the best weights, decide on early stopping, save the resumable state."""
     params, dist, stage = run.params, run.dist, sr.stage
     record = {
@@ -327,7 +343,7 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
         "train_loss": loss / max(seen, 1), "val_loss": val_loss, "val_accuracy": val["accuracy"],
         "val_macro_recall": val["macro_recall"], "val_macro_f1": val["macro_f1"],
         "lr": sr.optimizer.param_groups[-1]["lr"], "image_size": sr.size, "seconds": seconds,
-        "images_per_s": seen / max(seconds, 1e-9),
+        "images_per_s": seen / max(seconds, 1e-9), "data_wait_s": waited,
     }
     if dist.world > 1:
         record["replica_max_diff"] = replica_difference([p for g in sr.groups for p in g["params"]], dist)
@@ -344,9 +360,9 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
         progress.bad_epochs += 1
     stop = 0 < params.early_stopping_patience <= progress.bad_epochs and epoch + 1 < stage.epochs
     if dist.main:
-        log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f (%.0fs, %.1f img/s)%s",
-                 stage.name, epoch + 1, stage.epochs, record["train_loss"], val_loss, val["accuracy"], val["macro_f1"],
-                 seconds, record["images_per_s"], " *" if improved else "")
+        log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f (%.0fs, %.1f img/s, "
+                 "waited %.1fs for data)%s", stage.name, epoch + 1, stage.epochs, record["train_loss"], val_loss,
+                 val["accuracy"], val["macro_f1"], seconds, record["images_per_s"], waited, " *" if improved else "")
         if stop:
             log.info("%s: no better validation %s for %d epochs: stage stops early", stage.name, params.select_metric,
                      progress.bad_epochs)

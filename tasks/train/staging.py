@@ -158,13 +158,17 @@ class FeatureCache:
             elif variant not in self.store:  # same memory format as the live path, so the same kernels run
                 fmt = torch.channels_last if f.ndim == 4 else torch.contiguous_format
                 self.store[variant] = torch.empty((len(self.images), *f.shape[1:]), dtype=f.dtype).to(memory_format=fmt)
-                if self.device.type == "cuda":
-                    self.store[variant] = self.store[variant].pin_memory()
             self.store[variant][chunk] = f
             done[chunk] = True
 
     def get(self, variant: int, idx: torch.Tensor) -> torch.Tensor:
         self.fill(variant, idx)
+        return self.store[variant][idx]
+
+    def read(self, variant: int, idx: torch.Tensor) -> torch.Tensor:
+        """Entries filled before: a read only, safe beside a training step (the prefetch thread's path)."""
+        if variant not in self.done or not bool(self.done[variant][idx].all()):
+            raise RuntimeError(f"feature cache: variant {variant} entries read before they were filled")
         return self.store[variant][idx]
 
 

@@ -62,7 +62,7 @@ SAVED_KEYS = ("model", "best_weights", "optimizer", "scheduler", "scaler", "offs
 
 def fingerprint(manifest_path: Path, weights_path: Path, params: TrainParams, seed: int, world: int) -> str:
     """Identifies a training run: a saved state is resumed only by a run with the same fingerprint (where the data
-    lives is left out: memory or disk, training computes the same)."""
+    lives and how it is read are left out: memory or disk, prefetched or not, training computes the same)."""
     parts = {"manifest": sha256_file(manifest_path), "weights": sha256_file(weights_path),
              "params": params.model_dump(mode="json", exclude=PLACEMENT_KEYS), "seed": seed, "world": world}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
