@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from common import cpu_name  # noqa: E402
+from common import provenance  # noqa: E402
 
 CLASSES = ("a", "b", "c", "d")
 SETTINGS = [
@@ -185,6 +184,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="JSON file (default: bench/results/scale.json, or scale_data.json "
                     "with --data-only)")
     args = ap.parse_args()
+    load = os.getloadavg()
     out = Path(args.out or REPO / "bench" / "results" / ("scale_data.json" if args.data_only else "scale.json"))
     sizes = sorted(set(args.sizes) | ({100_000} if args.with_100k else set()))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -204,9 +204,9 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    report = {"results": results, "settings": SETTINGS, "projected_1m": projections,
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                          "load_avg": os.getloadavg()}}
+    command = " ".join([".venv/bin/python bench/bench_scale.py", *sys.argv[1:]])
+    report = {**provenance(REPO, command, load_before=load), "results": results, "settings": SETTINGS,
+              "projected_1m": projections}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("| images | stage | wall s | images/s | peak RSS MB |")
