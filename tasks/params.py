@@ -158,8 +158,8 @@ class StageParams(Strict):
         "eligible as the best checkpoint)")
 
 
-# where training data lives and the memory budget: they change no result, so a saved state resumes across them
-# where data lives and how it is read: not part of a run's identity (the same weights either way, tested)
+# where training data lives, how it is read, the memory budget: they change no result (tested), so a saved state
+# resumes across them
 PLACEMENT_KEYS = {"data_store", "feature_store", "memory_budget_mb", "memory_fraction", "prefetch_batches"}
 
 DEFAULT_STAGES = [

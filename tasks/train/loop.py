@@ -335,7 +335,7 @@ def validate(run: Run, sr: StageRun) -> tuple[float, dict]:
 
 
 def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weights: dict, epoch: int, loss: float,
-              seen: int, val_loss: float, val: dict, seconds: float, waited: float = 0.0) -> tuple[bool, dict]:
+              seen: int, val_loss: float, val: dict, seconds: float, waited: float) -> tuple[bool, dict]:
     """Record the epoch, keep the best weights, decide on early stopping, save the resumable state."""
     params, dist, stage = run.params, run.dist, sr.stage
     record = {

@@ -21,6 +21,7 @@ import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
+_END = object()
 
 
 class Prefetcher(Generic[T, R]):
@@ -52,22 +53,22 @@ class Prefetcher(Generic[T, R]):
             return
 
     def __iter__(self) -> Iterator[R]:
-        if self.pool is None:
-            for item in self.items:
-                t0 = time.perf_counter()
-                out = self.fetch(item)
-                self.wait_s += time.perf_counter() - t0
-                yield out
-            return
+        results = (self.fetch(item) for item in self.items) if self.pool is None else self._ahead()
+        while True:
+            t0 = time.perf_counter()
+            out = next(results, _END)
+            self.wait_s += time.perf_counter() - t0
+            if out is _END:
+                return
+            yield out
+
+    def _ahead(self) -> Iterator[R]:
         for _ in range(self.depth):
             self._submit_next()
         while self.pending:
             head = self.pending.popleft()
             self._submit_next()  # keep `depth` batches in flight while this one is consumed
-            t0 = time.perf_counter()
-            out = head.result()  # re-raises the fetch's exception here, on the training thread
-            self.wait_s += time.perf_counter() - t0
-            yield out
+            yield head.result()  # re-raises the fetch's exception here, on the training thread
 
 
 @dataclass
