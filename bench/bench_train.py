@@ -6,10 +6,11 @@ the pipeline's train/val splits, of the installed ELPV set, or generated images)
 EfficientNet-Lite0 and a freshly seeded 2-class head:
 
   ours  frozen    `fit`, one stage trainable=head, cache_features=True   (the pipeline's default)
+  ours  frozen    `fit`, the same stage, cache filled by PyTorch (prefix_runtime=torch; the others: ONNX Runtime)
   ours  frozen    `fit`, the same stage, cache_features=False            (same result, must agree)
   plain frozen    requires_grad=False but the classifier, DataLoader over a Dataset that flips/rotates
                   and normalises each uint8 image, model.train() and a full forward every batch, AdamW
-  ours  unfrozen  `fit`, trainable=3 (last 3 blocks + head conv + head), cache_features=True and False
+  ours  unfrozen  `fit`, trainable=3 (last 3 blocks + head conv + head), cache on (ONNX Runtime, PyTorch) and off
   plain unfrozen  the same blocks unfrozen by hand, the same loop
 
     .venv/bin/python bench/bench_train.py                     # default: 8-23 min measured on 2 shared cores
@@ -122,15 +123,19 @@ def load_data(args) -> dict:
 # ---- the runs -----------------------------------------------------------------------------------
 
 
+TORCH_PREFIX = "cache on, filled by PyTorch"
+
+
 def fresh_model(base: nn.Module, n_classes: int, seed: int) -> nn.Module:
     return models.with_new_head(copy.deepcopy(base), n_classes, seed)
 
 
-def run_ours(base, data, stage: StageParams, cache: bool, args, meta) -> dict:
+def run_ours(base, data, stage: StageParams, cache: bool, args, meta, prefix_runtime: str = "onnxruntime") -> dict:
     (tx, ty), (vx, vy) = data["train"], data["val"]
     model = fresh_model(base, len(data["classes"]), args.seed)
     params = TrainParams(image_size=args.size, cpu_image_size=args.size, batch_size=args.batch_size,
-                         augment=args.augment, cache_features=cache, threads=args.threads, stages=[stage])
+                         augment=args.augment, cache_features=cache, threads=args.threads, stages=[stage],
+                         prefix_runtime=prefix_runtime)
     t0 = time.perf_counter()
     mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
     model, best, history = fit(model, Data(data["classes"], Split(tx, ty), Split(vx, vy)), params, mean, std,
@@ -309,10 +314,12 @@ def main(argv: list[str] | None = None) -> dict:
     unfrozen = StageParams(name="unfrozen", epochs=args.unfrozen_epochs, trainable=args.unfrozen_blocks, lr=1e-3,
                            backbone_lr_mult=0.1, bn="eval", warmup_epochs=0.3)
     plan = [("ours", "frozen", "cache on", lambda: run_ours(base, data, frozen, True, args, meta)),
+            ("ours", "frozen", TORCH_PREFIX, lambda: run_ours(base, data, frozen, True, args, meta, "torch")),
             ("ours", "frozen", "cache off", lambda: run_ours(base, data, frozen, False, args, meta)),
             ("plain", "frozen", "", lambda: run_plain(base, data, frozen, args, meta))]
     if args.unfrozen_epochs > 0:
         plan += [("ours", "unfrozen", "cache on", lambda: run_ours(base, data, unfrozen, True, args, meta)),
+                 ("ours", "unfrozen", TORCH_PREFIX, lambda: run_ours(base, data, unfrozen, True, args, meta, "torch")),
                  ("ours", "unfrozen", "cache off", lambda: run_ours(base, data, unfrozen, False, args, meta)),
                  ("plain", "unfrozen", "", lambda: run_plain(base, data, unfrozen, args, meta))]
     runs, trained = [], {}
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = go()
         trained[name] = r.pop("model")
         epochs = args.epochs if stage_name == "frozen" else args.unfrozen_epochs
-        kind = "cached" if variant == "cache on" else "live"
+        kind = "cached" if variant.startswith("cache on") else "live"
         r.update(name=name, method=method, stage=stage_name, variant=variant, epochs=epochs,
                  backbone_passes=backbone_passes(kind, n_train, n_val, epochs, n_variants))
         log.info("%s: %.1f s, %.1f img/s, final val acc %.4f", name, r["wall_s"], r["images_per_s"], r["val_accuracy"])
@@ -334,12 +341,16 @@ def main(argv: list[str] | None = None) -> dict:
     same_best = by["ours frozen (cache on)"]["best"]["epoch"] == by["ours frozen (cache off)"]["best"]["epoch"]
     ratios = {
         "frozen_cache_speedup": by["ours frozen (cache on)"]["images_per_s"] / by["ours frozen (cache off)"]["images_per_s"],
+        "frozen_onnx_prefix_speedup": (by["ours frozen (cache on)"]["images_per_s"]
+                                       / by[f"ours frozen ({TORCH_PREFIX})"]["images_per_s"]),
         "frozen_ours_vs_plain": by["ours frozen (cache on)"]["images_per_s"] / by["plain frozen"]["images_per_s"],
         "frozen_ours_uncached_vs_plain": by["ours frozen (cache off)"]["images_per_s"] / by["plain frozen"]["images_per_s"],
     }
     if "ours unfrozen (cache on)" in by:
         ratios["unfrozen_cache_speedup"] = (by["ours unfrozen (cache on)"]["images_per_s"]
                                             / by["ours unfrozen (cache off)"]["images_per_s"])
+        ratios["unfrozen_onnx_prefix_speedup"] = (by["ours unfrozen (cache on)"]["images_per_s"]
+                                                  / by[f"ours unfrozen ({TORCH_PREFIX})"]["images_per_s"])
         ratios["unfrozen_ours_vs_plain"] = by["ours unfrozen (cache on)"]["images_per_s"] / by["plain unfrozen"]["images_per_s"]
         unfrozen_diff = max_abs_diff(trained["ours unfrozen (cache on)"], trained["ours unfrozen (cache off)"])
     else:
@@ -393,11 +404,13 @@ def print_table(out: dict) -> None:
     q, c = out["ratios"], out["cache_equivalence"]
     print("\n| ratio (images/s) | value |\n| --- | --- |")
     print(f"| frozen: cache on / cache off | {q['frozen_cache_speedup']:.2f}x |")
+    print(f"| frozen: cache filled by ONNX Runtime / by PyTorch | {q['frozen_onnx_prefix_speedup']:.2f}x |")
     print(f"| frozen: ours / plain (target >= {TARGET_RATIO}x) | {q['frozen_ours_vs_plain']:.2f}x "
           f"({'met' if out['target']['met'] else 'NOT met'}) |")
     print(f"| frozen: ours without cache / plain | {q['frozen_ours_uncached_vs_plain']:.2f}x |")
     if "unfrozen_ours_vs_plain" in q:
         print(f"| unfrozen: cache on / cache off | {q['unfrozen_cache_speedup']:.2f}x |")
+        print(f"| unfrozen: cache filled by ONNX Runtime / by PyTorch | {q['unfrozen_onnx_prefix_speedup']:.2f}x |")
         print(f"| unfrozen: ours / plain | {q['unfrozen_ours_vs_plain']:.2f}x |")
     print(f"\ncache on vs off: max |head difference| {c['head_max_abs_diff']:.2e} (tolerance {c['tolerance']:g}: "
           f"{'ok' if c['ok'] else 'FAIL'}), whole model {c['state_max_abs_diff']:.2e}, same best epoch: "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-NOISY_LOGGERS = ("great_expectations", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "onnxscript", "torch.onnx")
+NOISY_LOGGERS = ("great_expectations", "matplotlib", "PIL", "urllib3", "httpx", "httpcore", "onnxscript", "onnx_ir", "torch.onnx")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

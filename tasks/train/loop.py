@@ -41,6 +41,7 @@ from tasks.train.augment import (
 from tasks.train.ema import WeightAverage
 from tasks.train.optim import make_optimizer, make_scheduler, param_groups
 from tasks.train.prefetch import Batch, DeviceCopy, Prefetcher
+from tasks.train.prefix_onnx import onnx_prefix, wants_onnx_prefix
 from tasks.train.runtime import (
     Dist,
     TrainingError,
@@ -176,10 +177,14 @@ def start_stage(run: Run, index: int, stage: StageParams, previous: torch.optim.
     train_x, val_x = resized(full_train, size), resized(full_val, size)
     staged = StagedModel(run.model, stage.trainable, stage.bn)
     use_cache = params.cache_features and staged.cacheable and not run.extra_aug
+    prefix = None
+    if use_cache and wants_onnx_prefix(params.prefix_runtime, device, run.precision, len(train_x), len(val_x),
+                                       stage.epochs, len(run.variants), params.batch_size):
+        prefix = onnx_prefix(staged, size, params.batch_size, torch.get_num_threads())
 
     def cache(images):
         return FeatureCache(staged, images, run.mean, run.std, device, params.batch_size, run.precision,
-                            run.data.feature_spill)
+                            run.data.feature_spill, prefix)
 
     groups = param_groups(run.model, stage)
     if not groups:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -131,13 +131,16 @@ class FeatureCache:
     with repeats): CPU kernels round differently for different batch sizes, but not for different
     images at the same batch size. So an entry's value does not depend on when or next to which
     images it was computed, and a resumed run (whose cache starts empty) reproduces an
-    uninterrupted one bit for bit. With `spill` (a folder), entries live in scratch files there instead of
+    uninterrupted one bit for bit (`prefix`, when given, must keep that: ONNX Runtime on a graph of exactly that
+    batch size does). With `spill` (a folder), entries live in scratch files there instead of
     in memory (`SpilledFeatures`): the same values, read back exactly.
     """
 
     def __init__(self, staged: StagedModel, images, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device, batch_size: int, precision: Precision = Precision(), spill: Path | None = None):
+                 device: torch.device, batch_size: int, precision: Precision = Precision(), spill: Path | None = None,
+                 prefix: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.staged, self.images, self.mean, self.std = staged, images, mean, std
+        self.prefix = prefix  # computes staged.prefix another way (ONNX Runtime, `tasks.train.prefix_onnx`)
         self.device, self.precision, self.chunk, self.spill = device, precision, batch_size, spill
         self.store: dict[int, torch.Tensor] = {}
         self.done: dict[int, torch.Tensor] = {}
@@ -151,8 +154,11 @@ class FeatureCache:
             chunk = missing[start : start + self.chunk]
             padded = torch.cat([chunk, chunk[:1].expand(self.chunk - len(chunk))])
             x = prepare(self.images[padded], variant, self.mean, self.std, self.device)
-            with eval_mode(self.staged.model), torch.no_grad(), self.precision.autocast(self.device):
-                f = self.staged.prefix(x)[: len(chunk)].float().cpu()
+            if self.prefix is not None:
+                f = self.prefix(x)[: len(chunk)]
+            else:
+                with eval_mode(self.staged.model), torch.no_grad(), self.precision.autocast(self.device):
+                    f = self.staged.prefix(x)[: len(chunk)].float().cpu()
             if variant not in self.store and self.spill is not None:
                 self.store[variant] = SpilledFeatures(self.spill, len(self.images), tuple(f.shape[1:]))
             elif variant not in self.store:  # same memory format as the live path, so the same kernels run
