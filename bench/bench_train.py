@@ -18,7 +18,8 @@ EfficientNet-Lite0 and a freshly seeded 2-class head:
     .venv/bin/python bench/bench_train.py --synthetic --unfrozen-epochs 0
 
 Prints a table and writes bench/results/bench_train.json; exits 1 when the cached and uncached
-heads differ by more than --tolerance. See bench/README.md.
+heads differ by more than --tolerance (both filled by PyTorch: ONNX Runtime's features differ by float
+rounding, so that run's difference is reported, not checked). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -336,9 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(r)
     by = {r["name"]: r for r in runs}
 
-    head_diff = max_abs_diff(trained["ours frozen (cache on)"], trained["ours frozen (cache off)"], only="classifier")
-    all_diff = max_abs_diff(trained["ours frozen (cache on)"], trained["ours frozen (cache off)"])
-    same_best = by["ours frozen (cache on)"]["best"]["epoch"] == by["ours frozen (cache off)"]["best"]["epoch"]
+    # The cache's guarantee is exactness for features computed by the same runtime (PyTorch fills it in both runs);
+    # ONNX Runtime's features differ by float rounding, so that difference is reported, not held to the tolerance.
+    cached, uncached = trained[f"ours frozen ({TORCH_PREFIX})"], trained["ours frozen (cache off)"]
+    head_diff = max_abs_diff(cached, uncached, only="classifier")
+    all_diff = max_abs_diff(cached, uncached)
+    same_best = by[f"ours frozen ({TORCH_PREFIX})"]["best"]["epoch"] == by["ours frozen (cache off)"]["best"]["epoch"]
+    onnx_head_diff = max_abs_diff(trained["ours frozen (cache on)"], cached, only="classifier")
     ratios = {
         "frozen_cache_speedup": by["ours frozen (cache on)"]["images_per_s"] / by["ours frozen (cache off)"]["images_per_s"],
         "frozen_onnx_prefix_speedup": (by["ours frozen (cache on)"]["images_per_s"]
@@ -352,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["unfrozen_onnx_prefix_speedup"] = (by["ours unfrozen (cache on)"]["images_per_s"]
                                                   / by[f"ours unfrozen ({TORCH_PREFIX})"]["images_per_s"])
         ratios["unfrozen_ours_vs_plain"] = by["ours unfrozen (cache on)"]["images_per_s"] / by["plain unfrozen"]["images_per_s"]
-        unfrozen_diff = max_abs_diff(trained["ours unfrozen (cache on)"], trained["ours unfrozen (cache off)"])
+        unfrozen_diff = max_abs_diff(trained[f"ours unfrozen ({TORCH_PREFIX})"], trained["ours unfrozen (cache off)"])
     else:
         unfrozen_diff = None
     elapsed = time.time() - t_start
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "cache_equivalence": {"head_max_abs_diff": head_diff, "state_max_abs_diff": all_diff,
                               "same_best_epoch": same_best, "tolerance": args.tolerance,
-                              "ok": head_diff <= args.tolerance,
+                              "ok": head_diff <= args.tolerance, "onnx_prefix_head_max_abs_diff": onnx_head_diff,
                               "unfrozen_state_max_abs_diff": unfrozen_diff},
         "target": {"ours_vs_plain_frozen": f">= {TARGET_RATIO}x", "met": ratios["frozen_ours_vs_plain"] >= TARGET_RATIO},
         "seconds": round(elapsed, 1),
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(args.out, out)
     print(f"\nwritten: {args.out} ({elapsed:.0f} s)")
     if head_diff > args.tolerance:
-        print(f"\nFAIL: the heads trained with and without the feature cache differ by {head_diff:.3g} "
+        print(f"\nFAIL: the heads trained with and without the feature cache (filled by PyTorch) differ by {head_diff:.3g} "
               f"(> --tolerance {args.tolerance:g}); the cache must give the same model", file=sys.stderr)
         sys.exit(1)
     return out
@@ -412,11 +417,13 @@ def print_table(out: dict) -> None:
         print(f"| unfrozen: cache on / cache off | {q['unfrozen_cache_speedup']:.2f}x |")
         print(f"| unfrozen: cache filled by ONNX Runtime / by PyTorch | {q['unfrozen_onnx_prefix_speedup']:.2f}x |")
         print(f"| unfrozen: ours / plain | {q['unfrozen_ours_vs_plain']:.2f}x |")
-    print(f"\ncache on vs off: max |head difference| {c['head_max_abs_diff']:.2e} (tolerance {c['tolerance']:g}: "
-          f"{'ok' if c['ok'] else 'FAIL'}), whole model {c['state_max_abs_diff']:.2e}, same best epoch: "
-          f"{c['same_best_epoch']}")
+    print(f"\ncache on (filled by PyTorch) vs off: max |head difference| {c['head_max_abs_diff']:.2e} (tolerance "
+          f"{c['tolerance']:g}: {'ok' if c['ok'] else 'FAIL'}), whole model {c['state_max_abs_diff']:.2e}, same best "
+          f"epoch: {c['same_best_epoch']}")
+    print(f"cache filled by ONNX Runtime vs by PyTorch (informational: float rounding of the features): max |head "
+          f"difference| {c['onnx_prefix_head_max_abs_diff']:.2e}")
     if c["unfrozen_state_max_abs_diff"] is not None:
-        print(f"unfrozen cache on vs off (informational, trained blocks too): max |difference| "
+        print(f"unfrozen cache on (filled by PyTorch) vs off (informational, trained blocks too): max |difference| "
               f"{c['unfrozen_state_max_abs_diff']:.2e}")
     print("images/s = train images x epochs / wall time of the whole run (every epoch's validation pass included); "
           "backbone passes = images through the frozen layers (train + val)")
