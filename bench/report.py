@@ -122,9 +122,14 @@ def serving(d: dict) -> list[str]:
         for clients, lvl in run.get("binary", {}).items():
             lines.append(f"| {label} | {clients} | {num(lvl.get('requests_per_s'))} | {num(lvl.get('p50_ms'))} | "
                          f"{num(lvl.get('p99_ms'))} | {lvl.get('errors')} |")
+    for label, run in ((d.get("int8") or {}).get("server") or {}).items():  # --int8: the INT8 file, same server
+        for clients, lvl in run.get("binary", {}).items():
+            lines.append(f"| INT8 model (`--precision int8`), {label} | {clients} | {num(lvl.get('requests_per_s'))} | "
+                         f"{num(lvl.get('p50_ms'))} | {num(lvl.get('p99_ms'))} | {lvl.get('errors')} |")
     ref = d.get("ort_reference", {})
-    lines += ["", f"ONNX Runtime alone (reference): {num(ref.get('images_per_s'))} images/s. Targets: "
-              + json.dumps(d.get("targets"))]
+    lines += ["", f"ONNX Runtime alone (reference): {num(ref.get('images_per_s'))} images/s"
+              + (f" (INT8: {num(d['int8']['ort_reference'].get('images_per_s'))})" if d.get("int8") else "")
+              + ". Targets: " + json.dumps(d.get("targets"))]
     return lines
 
 

@@ -27,7 +27,7 @@ from tasks.params import Params
 
 log = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "roc_auc", "pr_auc", "ece", "n")
-INT8_FILE = "model.int8.onnx"
+INT8_FILE = registry.INT8_FILE
 
 
 class PromotionRefused(RuntimeError):

@@ -42,6 +42,7 @@ from tasks.crashpoints import crash_point
 from tasks.files import fsync_dir, fsync_file, sha256_file, write_json
 
 CHAMPION = "champion.json"
+INT8_FILE = "model.int8.onnx"  # a version's INT8 model (export keeps one only within its accuracy tolerance)
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 LOCK_TIMEOUT_S = 120
 

@@ -110,3 +110,17 @@ def test_data_stages_section_shows_each_stage_per_size(report, tmp_path):
     section = text.split("## Ingest and validation memory vs data size")[1].split("\n## ")[0]
     assert "| 100,000 | ingest | 50.0 | 2000.0 | 420.0 |" in section and "| 2,000 | validate | 2.0 | 1000.0 | 300.5 |" in section
     assert "## Training memory vs data size\n\nnot measured" in text  # the training numbers are a separate file
+
+
+def test_serving_section_shows_the_int8_rows_when_measured(report):
+    level = {"requests_per_s": 247.0, "p50_ms": 32.1, "p99_ms": 44.3, "errors": 0}
+    d = {"server": {"server defaults": {"binary": {"8": {**level, "requests_per_s": 156.8, "p50_ms": 50.9,
+                                                          "p99_ms": 64.2}}}},
+         "ort_reference": {"images_per_s": 180.8}, "targets": {"p99_met": False, "int8_p99_met": True},
+         "int8": {"ort_reference": {"images_per_s": 331.4}, "server": {"server defaults": {"binary": {"8": level}}}}}
+    lines = report.serving(d)
+    assert "| server defaults | 8 | 156.8 | 50.9 | 64.2 | 0 |" in lines
+    assert "| INT8 model (`--precision int8`), server defaults | 8 | 247.0 | 32.1 | 44.3 | 0 |" in lines
+    assert "(INT8: 331.4)" in lines[-1] and '"int8_p99_met": true' in lines[-1]
+    del d["int8"]
+    assert not any("INT8" in line for line in report.serving(d))

@@ -299,6 +299,36 @@ def test_a_model_that_cannot_be_served_stops_the_server_with_the_reason(tmp_path
     server.cleanup()
 
 
+def test_precision_int8_serves_the_int8_model_and_follows_a_champion_without_one(tmp_path):
+    reg = tmp_path / "registry"
+    int8 = brightness_onnx(tmp_path / "int8.onnx", CLASSES, threshold=60.0, extra={"quantization": "{}"})
+    registry.register(reg, {"model.onnx": brightness_onnx(tmp_path / "a.onnx", CLASSES), registry.INT8_FILE: int8}, {})
+    registry.register(reg, {"model.onnx": brightness_onnx(tmp_path / "b.onnx", CLASSES, threshold=127.0)}, {})
+    registry.promote(reg, "1")
+    server = start(reg, "--precision", "int8", "--poll-s", "0")
+    try:
+        c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+        grey = np.full((1, 3, 32, 32), 100, np.uint8)  # bright to the INT8 file (60), dark to the fp32 ones (128)
+        meta = httpx.get(server.url + "/v2/models/clf").json()
+        assert meta["versions"] == ["v0001"] and meta["parameters"]["precision"] == "int8"
+        assert labels_of(infer(c, grey, True).as_numpy("probabilities")) == ["bright"]
+        registry.promote(reg, "2")
+        assert httpx.post(server.url + "/admin/reload").json()["version"] == "v0002"
+        info = httpx.get(server.url + "/api/model").json()
+        assert info["version"] == "v0002" and info["precision"] == "fp32"
+        assert labels_of(infer(c, grey, True).as_numpy("probabilities")) == ["dark"]
+        assert server.stop() == 0
+        assert "v0002 has no INT8 model" in server.output()  # the fallback is logged
+    finally:
+        server.stop()
+        server.cleanup()
+    with ServerProcess(int8, "--precision", "int8") as refused:
+        with pytest.raises(Exception, match=r"exited with code 1 before it was ready: .*precision int8 picks a "
+                                            r"registry version's model"):
+            refused.wait_ready(60)
+    refused.cleanup()
+
+
 # ---- hot swap ----------------------------------------------------------------------------------
 
 def hammer(server: ServerProcess, stop: threading.Event, results: list, limit: int = 20_000) -> None:

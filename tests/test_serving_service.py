@@ -171,3 +171,26 @@ def test_a_served_file_is_followed_too(tmp_path):
     brightness_onnx(tmp_path / "new.onnx", CLASSES, threshold=60.0).replace(path)  # a new export renamed over it
     outcome = asyncio.run(svc.refresh())
     assert outcome["changed"] and svc.current.version != first
+
+
+def test_precision_int8_picks_a_versions_int8_model_and_falls_back_to_fp32(tmp_path, caplog):
+    root = tmp_path / "registry"
+    fp32 = brightness_onnx(tmp_path / "fp32.onnx", CLASSES)
+    int8 = brightness_onnx(tmp_path / "int8.onnx", CLASSES, threshold=60.0, extra={"quantization": "{}"})
+    registry.register(root, {"model.onnx": fp32, registry.INT8_FILE: int8}, {})
+    registry.register(root, {"model.onnx": brightness_onnx(tmp_path / "only.onnx", CLASSES, threshold=61.0)}, {})
+    registry.promote(root, "1")
+    assert Source.parse("champion", root, "int8").locate()[0] == root / "versions/v0001" / registry.INT8_FILE
+    assert Source.parse("champion", root).locate()[0] == root / "versions/v0001/model.onnx"  # fp32 by default
+    model = load(Source.parse("1", root, "int8"), "clf")
+    assert model.precision == "int8" and model.metadata()["parameters"]["precision"] == "int8"
+    assert model.info()["precision"] == "int8" and model.version == "v0001"
+    assert load(Source.parse("1", root), "clf").precision == "fp32"
+    with caplog.at_level("WARNING", logger="deploy.service"):
+        fallback = load(Source.parse("2", root, "int8"), "clf")
+    assert fallback.path == root / "versions/v0002/model.onnx" and fallback.precision == "fp32"
+    assert "v0002 has no INT8 model" in caplog.text and "serving its fp32 model.onnx" in caplog.text
+    with pytest.raises(ModelError, match=r"precision int8 picks a registry version's model .* is a file"):
+        Source.parse(str(fp32), root, "int8")
+    with pytest.raises(ModelError, match="precision must be one of fp32, int8, got 'fp16'"):
+        Source.parse("champion", root, "fp16")
