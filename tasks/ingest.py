@@ -102,6 +102,10 @@ def folder_classes(root: str | Path) -> list[str]:
 def folder_table(root: str | Path) -> pd.DataFrame:
     """`root/<class>/**/<image>` -> rows (path relative to root, label = first folder)."""
     root = Path(root)
+    if root.is_file():
+        raise SourceError(f"data.path must be a folder of class folders (<path>/<class>/<image>), not the file {root}"
+                          + ("; a CSV/Parquet table of images is data.source=manifest" if root.suffix.lower() in
+                             (".csv", ".parquet") else ""))
     if not root.is_dir():
         raise SourceError(f"data folder not found: {root}")
     rows = []

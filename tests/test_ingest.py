@@ -44,6 +44,10 @@ def test_manifest_paths_may_not_escape_the_root(tmp_path):
 def test_missing_sources_are_named(tmp_path):
     with pytest.raises(ingest.SourceError, match="data folder not found"):
         ingest.folder_table(tmp_path / "absent")
+    (tmp_path / "list.csv").write_text("path,label\n")
+    with pytest.raises(ingest.SourceError, match=r"must be a folder of class folders .* not the file .*list.csv; a "
+                                                 r"CSV/Parquet table of images is data.source=manifest"):
+        ingest.folder_table(tmp_path / "list.csv")
     with pytest.raises(ingest.SourceError, match="manifest not found"):
         ingest.manifest_table(tmp_path / "absent.csv")
     (tmp_path / "empty").mkdir()
