@@ -246,11 +246,12 @@ class TrainParams(Strict):
 
 
 class MinBounds(Strict):
-    accuracy: Fraction | None = doc(0.84, "lower bound on test accuracy")
+    accuracy: Fraction | None = doc(0.82, "lower bound on test accuracy (the bounds sit ~2 points under the spread "
+        "of the bundled ELPV default over CPUs and seeds, 83.8-87.0%: docs/gates.md)")
     balanced_accuracy: Fraction | None = doc(None, "mean recall over the classes present in the test split")
     macro_precision: Fraction | None = doc(None, "lower bound on macro precision")
-    macro_recall: Fraction | None = doc(0.80, "lower bound on macro recall")
-    macro_f1: Fraction | None = doc(0.80, "lower bound on macro F1")
+    macro_recall: Fraction | None = doc(0.78, "lower bound on macro recall")
+    macro_f1: Fraction | None = doc(0.78, "lower bound on macro F1")
     roc_auc: Fraction | None = doc(None, "binary: the positive class; more classes: one-vs-rest, macro average")
     pr_auc: Fraction | None = doc(None, "average precision, same averaging as roc_auc")
 

@@ -43,7 +43,7 @@ def test_the_form_takes_types_choices_bounds_and_descriptions_from_the_params_mo
     epochs = defs["StageForm"]["properties"]["epochs"]["anyOf"][0]
     assert (epochs["minimum"], epochs["maximum"]) == (0, 1000)
     accuracy = defs["MinForm"]["properties"]["accuracy"]
-    assert accuracy["anyOf"][0]["maximum"] == 1.0 and "default: 0.84" in accuracy["description"]
+    assert accuracy["anyOf"][0]["maximum"] == 1.0 and "default: 0.82" in accuracy["description"]
     assert all(d.get("additionalProperties") is False for name, d in defs.items() if name.endswith(("Form", "Params")))
     assert set(schema["properties"]) == {"params", "overrides", "workdir"}
     assert schema["properties"]["overrides"]["description"].startswith("any other params key")
