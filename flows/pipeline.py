@@ -23,6 +23,7 @@ accident. Every stage is stopped after `orchestration.stage_timeout_s` (its whol
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -58,6 +59,21 @@ class StageFailed(RuntimeError):
 
 class StageTimedOut(StageFailed, TimeoutError):
     """A stage ran past `orchestration.stage_timeout_s` and was stopped (the run ends TimedOut)."""
+
+
+class _NoTracebackForStageFailures(logging.Filter):
+    """Prefect's engines log a task's or flow's exception with its traceback. A StageFailed already carries the
+    stage's own one-line error, and its traceback shows only this module's subprocess bookkeeping (the stage
+    ran in another process), so it is logged without one; every other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _engine_logger in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_engine_logger).addFilter(_NoTracebackForStageFailures())
 
 
 def _env() -> dict[str, str]:

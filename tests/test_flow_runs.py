@@ -164,3 +164,20 @@ def test_the_flow_refuses_bad_overrides_before_taking_the_project(prefect_server
         finetune_pipeline(overrides=["train.batch_sise=3"], workdir=str(root))
     assert (root / "params.yaml").read_bytes() == before and not (root / ".finetune").exists() and counts(root) == {}
     assert os.path.exists(root / "dvc.yaml")
+
+
+def test_a_failed_stage_reads_as_its_error_lines_without_tracebacks(prefect_server, tmp_path):
+    """What `finetune run` prints when a stage fails: the stage's own error and the one-line summary, not
+    Prefect's tracebacks of our orchestration code (the stage ran in another process)."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = scripted_project(tmp_path / "proj", {"gate": {"fail": True}})
+    finetune = str(Path(sys.executable).parent / "finetune")
+    run = subprocess.run([finetune, "run", "--workdir", str(root)], cwd=root, capture_output=True, text=True,
+                         env={**env(), "PREFECT_API_URL": PREFECT_API_URL.value()}, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "error: stage 'gate' failed: gate failed (attempt 1)" in out
+    assert "Task run failed with exception: StageFailed" in out  # Prefect still reports the failure...
+    assert "Traceback" not in out  # ...without a traceback
+    assert counts(root) == {s: 1 for s in STAGES[:6]}
