@@ -246,8 +246,8 @@ class TrainParams(Strict):
 
 
 class MinBounds(Strict):
-    accuracy: Fraction | None = doc(0.82, "lower bound on test accuracy (the bounds sit ~2 points under the spread "
-        "of the bundled ELPV default over CPUs and seeds, 83.8-87.0%: docs/gates.md)")
+    accuracy: Fraction | None = doc(0.82, "lower bound on test accuracy (the bounds sit ~2 points under the bundled "
+        "ELPV default's measured spread over CPUs, 83.8-87.0%: docs/gates.md)")
     balanced_accuracy: Fraction | None = doc(None, "mean recall over the classes present in the test split")
     macro_precision: Fraction | None = doc(None, "lower bound on macro precision")
     macro_recall: Fraction | None = doc(0.78, "lower bound on macro recall")
