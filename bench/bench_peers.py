@@ -143,7 +143,8 @@ def run_ours(args, inputs: dict, out: Path) -> dict:
                                                                     / summary["wall_time_s"], 2),
             "process_s": round(time.time() - t0, 1),
             "recipe": " + ".join(f"{s.name}: trainable {s.trainable}, {s.optimizer} lr {s.lr}, {s.schedule}, bn "
-                                 f"{s.bn}, {s.epochs} ep" for s in stages) + "; best val macro F1 kept",
+                                 f"{s.bn}, {s.epochs} ep" for s in stages) + (
+                "; last epoch kept" if train.select_metric == "last" else f"; best val {train.select_metric} kept"),
             "epochs": [{"epoch": int(r.global_epoch), "seconds": round(float(r.seconds), 2),
                         "val_accuracy": float(r.val_accuracy)} for r in history.itertuples()],
             "versions": {"torch": torch.__version__}, "predictions": out / "predictions.csv", "path_column": "path"}

@@ -74,6 +74,10 @@ def test_override_unknown_and_bad_values(tmp_path):
         load_params(f, ["gates.champion.test=mcnemar"])  # McNemar tests accuracy, the default metric is macro_f1
     with pytest.raises(ParamsError, match="gates.first_run"):
         load_params(f, ["gates.first_run=maybe"])
+    # early stopping needs a metric to watch; the default keeps the last epoch and has none
+    with pytest.raises(ParamsError, match="early_stopping_patience.*select_metric is 'last'"):
+        load_params(f, ["train.early_stopping_patience=2"])
+    assert load_params(f, ["train.early_stopping_patience=2", "train.select_metric=loss"]).train.select_metric == "loss"
 
 
 def test_split_fractions_must_leave_training_data():

@@ -152,6 +152,25 @@ def test_progressive_resizing_selects_only_full_size_epochs(base):
     assert best["stage"] == "full"
 
 
+@pytest.mark.parametrize("metric", ["last", "loss"])
+def test_the_kept_weights_are_the_last_epochs_or_the_best_by_the_metric(base, metric):
+    x, y = toy(n=24)
+    vx, vy = toy(n=8, seed=1)
+    snapshots = []
+    model = fresh(base)
+    p = params(StageParams(name="frozen", epochs=2, trainable="head", lr=3e-2),
+               StageParams(name="unfrozen", epochs=2, trainable=2, lr=1e-3, backbone_lr_mult=0.1), select_metric=metric)
+    m, best, history = fit(model, ["a", "b"], x, y, vx, vy, p, MEAN, STD, 3,
+                           on_epoch=lambda h: snapshots.append(copy.deepcopy(model.state_dict())))
+    losses = [h["val_loss"] for h in history]
+    expected = len(history) if metric == "last" else losses.index(min(losses)) + 1  # the first best, as logged
+    assert best["global_epoch"] == expected and best["metric"] == metric
+    kept = snapshots[expected - 1]
+    assert all(torch.equal(v, kept[k]) for k, v in m.state_dict().items())
+    if metric == "loss" and expected < len(history):  # a later epoch's weights differ: the best really was kept
+        assert not all(torch.equal(v, snapshots[-1][k]) for k, v in m.state_dict().items())
+
+
 # ---- stage boundaries, optimizers, schedules, BatchNorm policies, early stopping, sampling --------
 
 
@@ -279,7 +298,8 @@ def test_bn_policies(base):
 def test_early_stopping_ends_a_stage_and_the_next_one_runs(base):
     x, y = toy(n=16)
     p = params(StageParams(name="stuck", epochs=6, trainable="head", lr=1e-12, schedule="constant"),
-               StageParams(name="next", epochs=1, trainable="head", lr=1e-2), early_stopping_patience=2)
+               StageParams(name="next", epochs=1, trainable="head", lr=1e-2), early_stopping_patience=2,
+               select_metric="macro_f1")
     _, _, history = fit(fresh(base), ["a", "b"], x, y, x, y, p, MEAN, STD, 0)
     assert [h["stage"] for h in history] == ["stuck"] * 3 + ["next"]
 

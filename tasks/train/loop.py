@@ -2,9 +2,9 @@
 
 `fit` runs every stage of `train.stages`; each stage rebuilds the trainable set, the optimizer and
 the schedule (`run_stage`); each epoch trains on the augmented images or their cached frozen
-features (`train_epoch`), validates (`validate`), records one history row, keeps the best weights by
-the validation `select_metric` and saves the resumable state (`end_epoch`). The test split is never
-seen here.
+features (`train_epoch`), validates (`validate`), records one history row, keeps the weights (the last
+epoch's, or the best by the validation `select_metric`) and saves the resumable state (`end_epoch`). The
+test split is never seen here.
 """
 
 from __future__ import annotations
@@ -353,8 +353,11 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
     if dist.world > 1:
         record["replica_max_diff"] = replica_difference([p for g in sr.groups for p in g["params"]], dist)
     progress.history.append(record)
-    score = -val_loss if params.select_metric == "loss" else val[params.select_metric]
-    improved = sr.selectable and score > progress.best["score"]
+    if params.select_metric == "last":  # no selection: every full-size epoch replaces the one before
+        score, improved = val["macro_f1"], sr.selectable
+    else:
+        score = -val_loss if params.select_metric == "loss" else val[params.select_metric]
+        improved = sr.selectable and score > progress.best["score"]
     if improved:
         progress.best = {"score": score, "stage": stage.name, "epoch": epoch + 1, "global_epoch": len(progress.history),
                          "metric": params.select_metric, "val": val}
@@ -367,7 +370,8 @@ def end_epoch(run: Run, sr: StageRun, progress: saved_state.Progress, best_weigh
     if dist.main:
         log.info("%s epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f val_f1 %.4f (%.0fs, %.1f img/s, "
                  "waited %.1fs for data)%s", stage.name, epoch + 1, stage.epochs, record["train_loss"], val_loss,
-                 val["accuracy"], val["macro_f1"], seconds, record["images_per_s"], waited, " *" if improved else "")
+                 val["accuracy"], val["macro_f1"], seconds, record["images_per_s"], waited,
+                 " *" if improved and params.select_metric != "last" else "")
         if stop:
             log.info("%s: no better validation %s for %d epochs: stage stops early", stage.name, params.select_metric,
                      progress.bad_epochs)

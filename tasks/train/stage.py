@@ -112,7 +112,8 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
         write_json(metrics_path, summary)
         if saving.path is not None:
             Path(saving.path).unlink(missing_ok=True)  # the checkpoint is written: nothing left to resume
-        log.info("train: best %s=%.4f at stage '%s' epoch %d; %.0fs; checkpoint %s", best["metric"], best["score"],
+        kept = ("the last epoch, val macro_f1" if best["metric"] == "last" else f"best {best['metric']}")
+        log.info("train: kept %s=%.4f at stage '%s' epoch %d; %.0fs; checkpoint %s", kept, best["score"],
                  best["stage"], best["epoch"], wall, checkpoint_path)
     return summary
 
