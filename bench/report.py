@@ -142,6 +142,19 @@ def recipes(d: dict) -> list[str]:
     return lines
 
 
+def selection(d: dict) -> list[str]:
+    seeds = ", ".join(d.get("seeds", {}))
+    lines = [f"The default recipe trained once per seed ({seeds}); for {d.get('halvings')} random halvings of the "
+             "validation split per seed, each rule picks the kept weights on one half and is scored on the other "
+             "(validation only; the test split is not used).", "",
+             "| kept weights | accuracy on the other half (mean over seeds, sd) | macro F1 (mean, sd) |",
+             "| --- | --- | --- |"]
+    for rule, r in d.get("summary", {}).items():
+        lines.append(f"| {rule} | {pct(r['accuracy'])} ({r['accuracy_sd'] * 100:.2f}) | {pct(r['macro_f1'])} "
+                     f"({r['macro_f1_sd'] * 100:.2f}) |")
+    return lines
+
+
 def scale(d: dict) -> list[str]:
     lines = ["| images | store | wall s | images/s | peak RSS MB | weights equal |", "| --- | --- | --- | --- | --- | --- |"]
     for r in d.get("results", []):
@@ -186,6 +199,7 @@ SECTIONS = [
     ("Inference: ONNX Runtime fp32/INT8 vs PyTorch eager", "onnx.json", ".venv/bin/python bench/bench_onnx.py", onnx),
     ("Serving under load", "serving.json", ".venv/bin/python bench/bench_serving.py", serving),
     ("Staged vs single-stage recipes", "recipes.json", ".venv/bin/python bench/bench_recipes.py", recipes),
+    ("Which epoch's weights to keep", "selection.json", ".venv/bin/python bench/bench_selection.py", selection),
     ("Training memory vs data size", "scale.json", ".venv/bin/python bench/bench_scale.py", scale),
     ("Ingest and validation memory vs data size", "scale_data.json",
      ".venv/bin/python bench/bench_scale.py --data-only --with-100k", data_stages),
