@@ -1,4 +1,4 @@
-"""Evaluate stage: the best checkpoint on the held-out test split -> DVC metrics and plots.
+"""Evaluate stage: the trained checkpoint on the held-out test split -> DVC metrics and plots.
 
 Writes `metrics.json` (accuracy, balanced accuracy, macro precision/recall/F1, per-class
 precision/recall/F1/ROC-AUC/PR-AUC, ROC-AUC and PR-AUC (binary: the positive class,

@@ -155,7 +155,7 @@ class StageParams(Strict):
         "affine fixed")
     image_scale: Annotated[float, Field(gt=0.0, le=1.0)] = doc(
         1.0, "fraction of the image size for this stage (cheap low-resolution epochs first; only full-size epochs are "
-        "eligible as the best checkpoint)")
+        "eligible to be the kept checkpoint)")
 
 
 # where training data lives, how it is read, the memory budget: they change no result (tested), so a saved state
