@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np
 import torch
-from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import cpu_name, stamp  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from tasks import backbones
 from tasks.checkpoint import load_checkpoint
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
                     "torch": torch.__version__, "onnxruntime": ort.__version__},
+        **stamp(REPO),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "results": results,
         "targets": targets,

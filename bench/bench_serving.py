@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import cpu_name, stamp  # noqa: E402  (bench/ is on sys.path when run as a script)
 from loadgen import run_load  # noqa: E402
 
 from tasks import registry  # noqa: E402
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": cpu_name(), "cores": cores, "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
                     "onnxruntime": ort_mod.__version__},
+        **stamp(REPO),
         "command": " ".join(["bench/bench_serving.py", *(argv if argv is not None else sys.argv[1:])]),
         "ort_alone": ort, "ort_reference": reference, "server": runs, "server_default": default_label,
         "json_tensors_at_8": json_run, "swap_under_load": swap, "targets": targets, "int8": int8,

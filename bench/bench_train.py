@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import cpu_name, stamp  # noqa: E402  (bench/ is on sys.path when run as a script)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -373,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
                     "torch": torch.__version__},
+        **stamp(REPO),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "runs": runs,
         "ratios": ratios,

@@ -30,9 +30,16 @@ def git_commit(repo: Path) -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def stamp(repo: Path) -> dict:
+    """When and from which commit a number was measured (report.py prints both beside it)."""
+    import datetime
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit(repo)}
+
+
 def provenance(repo: Path, command: str, threads: int | None = None, load_before=None) -> dict:
     """Where a number comes from: the command, the date (UTC), the commit and the machine."""
-    import datetime
     import os
 
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
@@ -41,8 +48,7 @@ def provenance(repo: Path, command: str, threads: int | None = None, load_before
     if load_before is not None:
         machine["loadavg_before"] = [round(x, 2) for x in load_before]
         machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    return {"command": command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": git_commit(repo), "machine": machine}
+    return {"command": command, **stamp(repo), "machine": machine}
 
 
 def ensure_pipeline_inputs(repo: Path, params_file: Path, log) -> None:

@@ -124,3 +124,24 @@ def test_serving_section_shows_the_int8_rows_when_measured(report):
     assert "(INT8: 331.4)" in lines[-1] and '"int8_p99_met": true' in lines[-1]
     del d["int8"]
     assert not any("INT8" in line for line in report.serving(d))
+
+
+def test_every_benchmark_stamps_its_json_with_the_date_and_the_commit(tmp_path):
+    """The stamp each bench script writes (bench/common.py `stamp`): HEAD, '+dirty' once a tracked file changes,
+    None outside git."""
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert common.stamp(tmp_path)["commit"] is None
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "m"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    stamped = common.stamp(tmp_path)
+    assert stamped["commit"] == head and stamped["date"].endswith(" UTC")
+    (tmp_path / "f.txt").write_text("b")
+    assert common.stamp(tmp_path)["commit"] == head + "+dirty"
