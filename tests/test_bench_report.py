@@ -126,7 +126,7 @@ def test_serving_section_shows_the_int8_rows_when_measured(report):
     assert not any("INT8" in line for line in report.serving(d))
 
 
-def test_every_benchmark_stamps_its_json_with_the_date_and_the_commit(tmp_path):
+def test_stamp_names_head_dirty_or_no_commit_and_the_utc_date(tmp_path):
     """The stamp each bench script writes (bench/common.py `stamp`): HEAD, '+dirty' once a tracked file changes,
     None outside git."""
     import subprocess
