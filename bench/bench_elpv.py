@@ -11,7 +11,9 @@ function of the defect probability, binary and four-class share exactly the same
               reused when its predictions exist (--fresh: rerun)
 
 For each: accuracy, balanced accuracy, macro recall and macro F1 with 95% bootstrap CIs (tasks.metrics), per cell
-type (mono / poly), per-class recall, model size (parameters; ONNX bytes where exported), training wall time.
+type (mono / poly), accuracy and error count per expert defect probability (0, 1/3, 2/3, 1: how many errors sit on
+cells the experts rated uncertain), per-class recall, model size (parameters; ONNX bytes where exported), training
+wall time.
 
     .venv/bin/python bench/bench_elpv.py                 # binary from the pipeline's outputs + the four-class run
     .venv/bin/python bench/bench_elpv.py --tasks binary  # binary only (seconds when the pipeline has run)
@@ -74,6 +76,20 @@ def score(predictions: pd.DataFrame, manifest: pd.DataFrame, classes: list[str])
         t = classification_metrics(y[idx], pred[idx], classes)
         ci = bootstrap_ci(y[idx], pred[idx], len(classes))
         out["per_type"][cell_type] = {k: t[k] for k in HEADLINE} | {"n": t["n"], "ci": {k: ci[k] for k in HEADLINE}}
+    out["per_probability"] = per_probability(p["probability"], y, pred, len(classes))
+    return out
+
+
+def per_probability(probability: pd.Series, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:
+    """Accuracy per expert defect-probability level (0, 1/3, 2/3, 1): which errors sit on cells the experts
+    themselves rated uncertain (1/3, 2/3), and which on cells they were sure of."""
+    levels = pd.to_numeric(probability, errors="raise").round(4)
+    out = {}
+    for level, idx in sorted(levels.groupby(levels).indices.items()):
+        correct = y[idx] == pred[idx]
+        ci = bootstrap_ci(y[idx], pred[idx], n_classes)["accuracy"]
+        out[f"{level:.4f}"] = {"n": int(len(idx)), "errors": int((~correct).sum()), "accuracy": float(correct.mean()),
+                               "ci": ci}
     return out
 
 
@@ -185,6 +201,11 @@ def print_table(out: dict) -> None:
         for name, row in [("all", m), *sorted(m["per_type"].items())]:
             print(f"| {task} | {name} | {row['n']} | " + " | ".join(pct(row[k], row["ci"].get(k)) for k in HEADLINE)
                   + " |")
+    print("\n| task | defect probability | n | errors | accuracy |")
+    print("| --- | --- | --- | --- | --- |")
+    for task, r in out["results"].items():
+        for level, row in r["metrics"]["per_probability"].items():
+            print(f"| {task} | {level} | {row['n']} | {row['errors']} | {pct(row['accuracy'], row['ci'])} |")
     for p in out["published"]:
         print(f"published ({p['task']}): {p['method']}: {100 * p['value']:.2f}% {p['metric']} ({p['note']})")
 

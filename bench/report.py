@@ -60,6 +60,14 @@ def elpv(d: dict) -> list[str]:
         for name, row in [("all", m), *sorted(m.get("per_type", {}).items())]:
             lines.append(f"| {task} | {name} | {row['n']} | " + " | ".join(pct(row[k], row['ci'].get(k)) for k in keys)
                          + " |")
+    levels = [(task, level, row) for task, r in d.get("results", {}).items()
+              for level, row in r["metrics"].get("per_probability", {}).items()]
+    if levels:
+        lines += ["", "Accuracy per expert defect probability (the experts' own certainty: 1/3 and 2/3 are the cells "
+                  "they were unsure of):", "", "| task | defect probability | n | errors | accuracy (95% CI) |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {task} | {level} | {row['n']} | {row['errors']} | {pct(row['accuracy'], row['ci'])} |"
+                  for task, level, row in levels]
     lines += ["", "| task | per-class recall | parameters | ONNX bytes | train wall s | image px |",
               "| --- | --- | --- | --- | --- | --- |"]
     for task, r in d.get("results", {}).items():

@@ -145,3 +145,35 @@ def test_stamp_names_head_dirty_or_no_commit_and_the_utc_date(tmp_path):
     assert stamped["commit"] == head and stamped["date"].endswith(" UTC")
     (tmp_path / "f.txt").write_text("b")
     assert common.stamp(tmp_path)["commit"] == head + "+dirty"
+
+
+def test_elpv_scores_errors_per_defect_probability_and_the_report_shows_them(report, monkeypatch):
+    """bench_elpv splits test accuracy by the experts' defect probability (how many errors sit on cells they were
+    unsure of); docs/benchmarks.md shows that table."""
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the script imports its neighbour `common`
+    spec = importlib.util.spec_from_file_location("bench_elpv", ROOT / "bench" / "bench_elpv.py")
+    elpv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(elpv)
+    classes = ["defective", "functional"]
+    cells = [("a.png", "functional", "functional", "0.0", "mono"), ("b.png", "functional", "defective", "0.0", "poly"),
+             ("c.png", "functional", "functional", "0.3333333333", "mono"),
+             ("d.png", "defective", "functional", "0.6666666667", "poly"),
+             ("e.png", "defective", "defective", "1.0", "mono"), ("f.png", "defective", "defective", "1.0", "poly")]
+    preds = pd.DataFrame([{"path": c[0], "actual": c[1], "predicted": c[2],
+                           "p_defective": 0.9 if c[2] == "defective" else 0.1,
+                           "p_functional": 0.1 if c[2] == "defective" else 0.9} for c in cells])
+    manifest = pd.DataFrame([{"path": c[0], "probability": c[3], "type": c[4]} for c in cells])
+    per = elpv.score(preds, manifest, classes)["per_probability"]
+    assert list(per) == ["0.0000", "0.3333", "0.6667", "1.0000"]
+    assert {k: (v["n"], v["errors"], v["accuracy"]) for k, v in per.items()} == {
+        "0.0000": (2, 1, 0.5), "0.3333": (1, 0, 1.0), "0.6667": (1, 1, 0.0), "1.0000": (2, 0, 1.0)}
+    row = {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_recall": 0.5, "macro_f1": 0.5, "n": 6, "ci": {}}
+    d = {"results": {"binary": {"metrics": {**row, "per_type": {}, "per_class_recall": {"defective": 0.5},
+                                            "per_probability": per},
+                                "size": {"parameters": 10, "onnx_bytes": None}, "train_wall_s": 1.0,
+                                "image_size": 224}}}
+    lines = report.elpv(d)
+    assert "| binary | 0.6667 | 1 | 1 | 0.00% (0.0-0.0) |" in lines
+    assert "| binary | 0.0000 | 2 | 1 | 50.00% " in "\n".join(lines)
