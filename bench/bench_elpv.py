@@ -36,8 +36,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import report  # noqa: E402  (bench/ is on sys.path as a script)
 import yaml  # noqa: E402
-from common import provenance  # noqa: E402  (bench/ is on sys.path as a script)
+from common import provenance  # noqa: E402
 
 from tasks.entry import setup_logging  # noqa: E402
 from tasks.files import read_json, write_json  # noqa: E402
@@ -184,30 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "validation (10% of each stratum) taken from the training part",
            "results": results, "published": PUBLISHED, "seconds": round(time.time() - t0, 1)}
     write_json(args.out, out)
-    print_table(out)
+    print("\n" + "\n".join(report.elpv(out)))  # the tables docs/benchmarks.md shows, from one renderer
     print(f"\nwritten: {args.out}")
     return out
-
-
-def pct(v: float, ci=None) -> str:
-    return f"{100 * v:.2f}%" + (f" ({100 * ci[0]:.1f}-{100 * ci[1]:.1f})" if ci else "")
-
-
-def print_table(out: dict) -> None:
-    print("\n| task | cells | n | accuracy | balanced acc | macro recall | macro F1 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for task, r in out["results"].items():
-        m = r["metrics"]
-        for name, row in [("all", m), *sorted(m["per_type"].items())]:
-            print(f"| {task} | {name} | {row['n']} | " + " | ".join(pct(row[k], row["ci"].get(k)) for k in HEADLINE)
-                  + " |")
-    print("\n| task | defect probability | n | errors | accuracy |")
-    print("| --- | --- | --- | --- | --- |")
-    for task, r in out["results"].items():
-        for level, row in r["metrics"]["per_probability"].items():
-            print(f"| {task} | {level} | {row['n']} | {row['errors']} | {pct(row['accuracy'], row['ci'])} |")
-    for p in out["published"]:
-        print(f"published ({p['task']}): {p['method']}: {100 * p['value']:.2f}% {p['metric']} ({p['note']})")
 
 
 if __name__ == "__main__":
