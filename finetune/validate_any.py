@@ -12,7 +12,9 @@ from tasks.images import DEFAULT_MAX_PIXELS
 from tasks.ingest import (
     SourceError,
     build_manifest,
+    folder_classes,
     folder_table,
+    given_splits,
     manifest_table,
     probe_all,
 )
@@ -23,8 +25,8 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels:
                   probe=None) -> validate_mod.ValidationOutcome:
     """`finetune validate PATH`: validate an image folder or a CSV/Parquet manifest without the pipeline.
 
-    The manifest is built in memory (splits 0.25/0.10, an existing `split` column respected);
-    for a folder, its class sub-folders are the declared classes, so an empty one is reported.
+    The manifest is built in memory (splits 0.25/0.10, the splits the source names kept: split folders, a
+    `split` column); for a folder, its class sub-folders are the declared classes, so an empty one is reported.
     Reports go to `out_dir`: manifest.csv, validation.json, validation.md and docs/. `probe` replaces
     ingest's threaded probing (e.g. by the Dask-backed one of `flows.scale`; same rows).
     """
@@ -34,7 +36,7 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels:
     try:
         if path.is_dir():
             table = folder_table(path)
-            classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            classes = folder_classes(path)
         elif not path.exists():
             raise SourceError(f"{path}: not found")
         elif path.suffix.lower() in (".csv", ".parquet"):
@@ -46,7 +48,8 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels:
         validate_mod.write_reports(outcome, None, out_dir / "validation.json", out_dir / "validation.md")
         return outcome
     manifest = build_manifest(table, test=0.25, val=0.10, stratify_by=[], seed=42,
-                              workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels, probe=probe or probe_all)
+                              workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels, probe=probe or probe_all,
+                              complete=given_splits(table) if path.is_dir() else ())
     outcome = validate_mod.write_docs(
         lambda d: validate_mod.validate_into(manifest, params, classes, None, d, max_pixels), out_dir / "docs")
     outcome.time_s = time.perf_counter() - start

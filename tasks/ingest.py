@@ -1,8 +1,12 @@
 """Ingest stage: a data source -> `data/images/`, a split manifest (`data/manifest.csv`) and the
 declared classes (`data/classes.json`).
 
-Sources: the bundled ELPV set, an image folder (`root/<class>/**/*.png`), or a CSV/Parquet
-manifest (`path,label[,split]`, paths relative to the manifest's folder, inside the data folder).
+Sources: the bundled ELPV set, an image folder (`root/<class>/**/*.png`, or split up front as
+`root/<split>/<class>/**/*.png` with split folders train/, val/ (valid/, validation/) and test/), or a
+CSV/Parquet manifest (`path,label[,split]`, paths relative to the manifest's folder, inside the data
+folder). A split the source names for a row is kept. A folder's split folders are complete: the
+images in train/ are drawn only into the splits that have no folder (a train/ and a test/ folder:
+validation comes out of train/); a manifest's rows without a split are drawn into all three.
 The manifest records, per image: path (relative to the images folder), label, split and what
 `probe_image` finds (size, mode, bytes, sha256, decodes_ok, error). Broken, missing or unreadable
 images are recorded, not dropped: the validate stage decides what to do with them. The declared
@@ -21,6 +25,7 @@ import shutil
 from argparse import Namespace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import pandas as pd
@@ -94,13 +99,63 @@ def inside(path: Path, root: Path, what: str) -> Path:
     return resolved
 
 
+# split folders of a `root/<split>/<class>/<image>` layout (Keras, torchvision ImageFolder per split, Kaggle), by
+# their usual names, case-insensitive
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def _skipped(name: str) -> bool:
+    """Hidden files and folders (`.DS_Store`, macOS's `._*` resource forks, `.ipynb_checkpoints`) and the `__MACOSX`
+    folder a macOS zip unpacks into: never images of the data set."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped(p.name))
+
+
+def split_folders(root: str | Path) -> dict[str, Path] | None:
+    """The split folders when `root` is split up front (`root/<split>/<class>/<image>`), else None.
+
+    Split-shaped means: every visible sub-folder is named like a split (SPLIT_FOLDERS) and one of them holds
+    class folders. So classes that happen to be called `train` and `test`, holding images, stay classes."""
+    root = Path(root)
+    top = _subfolders(root)
+    named = [p for p in top if p.name.lower() in SPLIT_FOLDERS]
+    if not named or not any(_subfolders(p) for p in named):
+        return None
+    others = [p.name for p in top if p not in named]
+    if others:
+        raise SourceError(f"{root} mixes split folders ({', '.join(p.name for p in named)}) with other folders "
+                          f"({', '.join(others)}): put every class folder under a split folder "
+                          f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>)")
+    found: dict[str, Path] = {}
+    for p in named:
+        split = SPLIT_FOLDERS[p.name.lower()]
+        if split in found:
+            raise SourceError(f"{root}: both {found[split].name}/ and {p.name}/ name the {split} split; keep one")
+        loose = [f.name for f in sorted(p.iterdir())
+                 if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not _skipped(f.name)]
+        if loose:
+            raise SourceError(f"{p}: {len(loose)} image(s) directly in the split folder, outside any class folder "
+                              f"(e.g. {loose[0]}): put them in {p.name}/<class>/, or move unlabelled images out of "
+                              f"the data folder")
+        found[split] = p
+    return found
+
+
 def folder_classes(root: str | Path) -> list[str]:
-    """The classes a folder declares: its visible sub-folders, empty ones included."""
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The classes a folder declares: its visible sub-folders (under each split folder when it is split up front),
+    empty ones included."""
+    splits = split_folders(root)
+    folders = _subfolders(Path(root)) if splits is None else [c for p in splits.values() for c in _subfolders(p)]
+    return sorted({p.name for p in folders})
 
 
 def folder_table(root: str | Path) -> pd.DataFrame:
-    """`root/<class>/**/<image>` -> rows (path relative to root, label = first folder)."""
+    """`root/<class>/**/<image>` -> rows (path relative to root, label = first folder); `root/<split>/<class>/...`
+    -> the same with the split named by the split folder."""
     root = Path(root)
     if root.is_file():
         raise SourceError(f"data.path must be a folder of class folders (<path>/<class>/<image>), not the file {root}"
@@ -108,15 +163,23 @@ def folder_table(root: str | Path) -> pd.DataFrame:
                              (".csv", ".parquet") else ""))
     if not root.is_dir():
         raise SourceError(f"data folder not found: {root}")
+    splits = split_folders(root)
+    parents = {"": root} if splits is None else splits
     rows = []
-    for label in folder_classes(root):
-        if not label.strip():
-            raise SourceError(f"class folder {str(root / label)!r} has a blank name; a label needs a visible character")
-        inside(root / label, root, "class folder")
-        for f in sorted((root / label).rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
-                inside(f, root, "image")
-                rows.append({"path": f.relative_to(root).as_posix(), "label": label, "source": str(f)})
+    for split, parent in parents.items():
+        for class_dir in _subfolders(parent):
+            label = class_dir.name
+            if not label.strip():
+                raise SourceError(f"class folder {str(class_dir)!r} has a blank name; a label needs a visible character")
+            inside(class_dir, root, "class folder")
+            for f in sorted(class_dir.rglob("*")):
+                if (f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                        and not any(_skipped(part) for part in f.relative_to(class_dir).parts)):
+                    inside(f, root, "image")
+                    # train/ is the pool the missing splits are drawn from (all of it trains when val/ and test/
+                    # both exist)
+                    rows.append({"path": f.relative_to(root).as_posix(), "label": label, "source": str(f),
+                                 **({"split": "" if split == "train" else split} if splits is not None else {})})
     if not rows:
         raise SourceError(f"no images found in {root} (expected {root}/<class>/<image>{'|'.join(IMAGE_EXTENSIONS)})")
     return pd.DataFrame(rows)
@@ -168,12 +231,14 @@ def _stable_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()
 
 
-def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int) -> pd.Series:
+def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int,
+                  complete: Collection[str] = ()) -> pd.Series:
     """Deterministic split, stratified by label plus `stratify_by` columns.
 
     Within each stratum, rows are ordered by a seeded hash of their path (independent of input
     order) and the first round(n*test) go to test, the next round(n*val) to val. An existing
-    `split` column is respected for the rows that have one.
+    `split` column is respected for the rows that have one; the splits in `complete` are not drawn
+    into (a folder split up front: its test/ folder is the whole test split).
     """
     missing = [c for c in stratify_by if c not in df.columns]
     if missing:
@@ -182,6 +247,7 @@ def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[s
     if "split" in df.columns:
         given = df["split"].fillna("").astype(str)
         split[given != ""] = given[given != ""]
+    test, val = (0.0 if "test" in complete else test), (0.0 if "val" in complete else val)
     todo = df[split == ""]
     keys = ["label", *stratify_by]
     for _, group in todo.groupby(keys, sort=True, dropna=False):
@@ -194,6 +260,13 @@ def assign_splits(df: pd.DataFrame, test: float, val: float, stratify_by: list[s
         for rank, i in enumerate(order):
             split[i] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
     return split
+
+
+def given_splits(df: pd.DataFrame) -> list[str]:
+    """The splits a source table names itself (split folders, a manifest's `split` column)."""
+    if "split" not in df.columns:
+        return []
+    return sorted(set(df["split"].fillna("").astype(str)) - {""})
 
 
 PROBE_CHUNK = 4096  # images probed per chunk: one chunk's rows are Python objects, the rest are columns
@@ -236,11 +309,12 @@ def source_table(source: str, path: str | None, task: str, defect_threshold: flo
 
 
 def build_manifest(table: pd.DataFrame, test: float, val: float, stratify_by: list[str], seed: int,
-                   workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, probe=probe_all) -> pd.DataFrame:
+                   workers: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS, probe=probe_all,
+                   complete: Collection[str] = ()) -> pd.DataFrame:
     """The source table with its split and each image's probe (`probe(sources, workers, max_pixels)`:
     threads here; `finetune validate --dask-workers` passes a Dask-backed one with the same rows)."""
     df = table.reset_index(drop=True).copy()
-    df["split"] = assign_splits(df, test, val, stratify_by, seed)
+    df["split"] = assign_splits(df, test, val, stratify_by, seed, complete)
     probes = probe(df["source"].tolist(), workers, max_pixels)
     df = pd.concat([df, probes], axis=1)
     front = ["path", "label", "split"]
@@ -287,11 +361,16 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
     """The ingest stage: read the source, split, probe, materialise images, the manifest and the classes."""
     table, classes = source_table(source, path, task, defect_threshold, manifest_name)
     log.info("ingest: %d images from %s source, classes %s", len(table), source, classes)
-    manifest = materialise(build_manifest(table, test, val, stratify_by, seed, workers, max_pixels), images_dir)
+    named = given_splits(table)
+    complete = named if source == "folder" else []  # split folders are whole splits; manifest rows are pinned rows
+    if named:
+        log.info("ingest: the split(s) the source names are kept: %s", ", ".join(named))
+    manifest = materialise(build_manifest(table, test, val, stratify_by, seed, workers, max_pixels,
+                                          complete=complete), images_dir)
     with atomic_path(manifest_path) as tmp:
         manifest.drop(columns=["source"]).to_csv(tmp, index=False)
     if classes_path is not None:
-        write_json(classes_path, {"classes": classes, "source": source})
+        write_json(classes_path, {"classes": classes, "source": source, "given_splits": named})
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("ingest: split counts\n%s", counts.to_string())
     return manifest

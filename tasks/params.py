@@ -69,8 +69,9 @@ class SplitParams(Strict):
 
 class DataParams(Strict):
     source: Literal["elpv", "folder", "manifest"] = doc(
-        "elpv", "elpv (bundled solar-cell EL images) | folder (path/<class>/*) | manifest (a CSV/Parquet table "
-        "path,label[,split] in the folder `path`, named by `manifest`)")
+        "elpv", "elpv (bundled solar-cell EL images) | folder (path/<class>/*, or split up front: path/<split>/<class>/* "
+        "with split folders train, val or valid, test) | manifest (a CSV/Parquet table path,label[,split] in the folder "
+        "`path`, named by `manifest`)")
     path: str | None = doc("sources/elpv", "the data folder (a DVC dependency of ingest: every file in it is tracked): "
                            "the image folder, the folder holding the manifest and its images, or for elpv the folder "
                            "pinning the package's content (sources/elpv/SOURCE.json)")
@@ -79,7 +80,10 @@ class DataParams(Strict):
     task: Literal["binary", "four_class"] = doc(
         "binary", "elpv only: binary (functional/defective) | four_class (defect probability 0, 1/3, 2/3, 1)")
     defect_threshold: Fraction = doc(0.5, "elpv binary: a cell is 'defective' when its defect probability is above this")
-    split: SplitParams = Field(default_factory=SplitParams, description="how images are split into train/val/test")
+    split: SplitParams = Field(default_factory=SplitParams, description=(
+        "how images are split into train/val/test. Splits the source names are kept: a split folder is the whole "
+        "split (only the missing ones are drawn, from train/), a manifest's split column pins its rows; validation "
+        "then does not hold them to these fractions"))
     orientation_invariant: bool | Literal["auto"] = doc(
         "auto", "true: an image means the same rotated by 90 degrees or mirrored (EL cells, micrographs, satellite "
         "tiles), so training augments with those 8 variants and caches frozen layers exactly; false: natural images "

@@ -462,7 +462,8 @@ def _build_checks(specs: list[_Spec], gx_results: dict[int, dict], df: pd.DataFr
         mine = [s for s in specs if s.check == name]
         blocking = name not in params.warn_only
         if not mine:
-            why = "no classes declared" if name in ("labels_in_set", "no_empty_class") else "no expected split fractions given"
+            why = ("no classes declared" if name in ("labels_in_set", "no_empty_class") else
+                   "no expected split fractions (the splits are the source's own, or none were configured)")
             checks.append(CheckResult(name, description, blocking, success=True, skipped=why))
             continue
         results = [gx_results[id(s)] for s in mine]
@@ -690,10 +691,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def _from_params(p: Params, args: Namespace) -> None:
     split, out = p.data.split, args.out_dir
-    classes = read_json(args.classes)["classes"] if args.classes.exists() else None
+    declared = read_json(args.classes) if args.classes.exists() else {}
+    # split fractions are checked when ingest drew the splits; the ones a source names itself (split folders, a
+    # manifest's split column) are the user's to choose
+    fractions = None if declared.get("given_splits") else {"train": 1 - split.test - split.val, "val": split.val,
+                                                            "test": split.test}
     outcome = run(args.manifest, args.images, p.validate_, args.out_manifest, out / "validation.json",
-                  out / "validation.md", out / "docs", classes=classes,
-                  expected_fractions={"train": 1 - split.test - split.val, "val": split.val, "test": split.test},
+                  out / "validation.md", out / "docs", classes=declared.get("classes"), expected_fractions=fractions,
                   max_pixels=p.data.max_pixels)
     if not outcome.success:
         raise ValidationFailed("data validation failed: " + " | ".join(outcome.failures)

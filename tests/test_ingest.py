@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tasks import ingest
 
@@ -30,8 +31,57 @@ def test_split_respects_existing_column_and_group_columns(tmp_path):
     assert (s[:2] == "test").all()
     by_type = pd.crosstab(df["type"], s)
     assert by_type.loc["poly", "test"] == 5
+    s = ingest.assign_splits(df, 0.25, 0.0, ["type"], seed=0, complete=["test"])  # a split folder: the whole split
+    assert (s[:2] == "test").all() and (s[2:] == "train").all()
     with pytest.raises(ingest.SourceError, match="stratify_by names column"):
         ingest.assign_splits(df, 0.25, 0.0, ["nope"], seed=0)
+
+
+def image_tree(root: Path, layout: dict[str, int]) -> Path:
+    """`layout`: relative folder -> number of distinct tiny PNGs in it."""
+    for k, (folder, n) in enumerate(layout.items()):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (k, i, 7)).save(root / folder / f"{i}.png")
+    return root
+
+
+def test_a_folder_split_up_front_keeps_its_splits_and_draws_only_the_missing_one(tmp_path):
+    """Keras / ImageFolder-per-split layout: train/<class>, Valid/<class>, test/<class>; classes are the class
+    folders, not the split folders; with no validation folder, validation comes out of train/ only."""
+    root = image_tree(tmp_path / "d", {"train/cat": 12, "train/dog": 12, "Valid/cat": 3, "Valid/dog": 3,
+                                       "test/cat": 4, "test/dog": 4, "test/emu": 0})
+    table = ingest.folder_table(root)
+    assert ingest.folder_classes(root) == ["cat", "dog", "emu"]  # an empty class folder is still declared
+    assert set(table["label"]) == {"cat", "dog"} and ingest.given_splits(table) == ["test", "val"]
+    split = ingest.assign_splits(table, 0.25, 0.1, [], seed=0, complete=ingest.given_splits(table))
+    assert (split == table["split"].replace("", "train")).all() and split.value_counts().to_dict() == {
+        "train": 24, "test": 8, "val": 6}
+    assert table.loc[table["path"] == "Valid/cat/0.png", "split"].item() == "val"
+
+    no_val = image_tree(tmp_path / "e", {"training/a": 20, "training/b": 20, "testing/a": 5, "testing/b": 5})
+    table = ingest.folder_table(no_val)
+    split = ingest.assign_splits(table, 0.25, 0.1, [], seed=0, complete=ingest.given_splits(table))
+    from_train = table["path"].str.startswith("training/")
+    assert (split[~from_train] == "test").all()
+    assert pd.crosstab(table["label"][from_train], split[from_train]).to_dict("index") == {
+        "a": {"train": 18, "val": 2}, "b": {"train": 18, "val": 2}}
+
+
+def test_split_folder_mistakes_are_named_and_classes_called_like_splits_stay_classes(tmp_path):
+    mixed = image_tree(tmp_path / "mixed", {"train/cat": 2, "cat": 2})
+    with pytest.raises(ingest.SourceError, match=r"mixes split folders \(train\) with other folders \(cat\)"):
+        ingest.folder_table(mixed)
+    twice = image_tree(tmp_path / "twice", {"val/cat": 2, "validation/cat": 2, "train/cat": 2})
+    with pytest.raises(ingest.SourceError, match=r"both val/ and validation/ name the val split"):
+        ingest.folder_table(twice)
+    loose = image_tree(tmp_path / "loose", {"train/cat": 2, "test": 3})  # Kaggle's unlabelled test/
+    with pytest.raises(ingest.SourceError, match=r"test: 3 image\(s\) directly in the split folder, outside any "
+                                                 r"class folder \(e.g. 0.png\)"):
+        ingest.folder_table(loose)
+    plain = image_tree(tmp_path / "plain", {"train": 3, "test": 3})  # two classes named train and test
+    table = ingest.folder_table(plain)
+    assert ingest.folder_classes(plain) == ["test", "train"] and "split" not in table.columns
 
 
 def test_manifest_paths_may_not_escape_the_root(tmp_path):
@@ -94,3 +144,15 @@ def test_probing_chunk_by_chunk_gives_the_same_rows_in_order(tmp_path):
     assert len(whole) == len(sources) == 11 and (~whole["decodes_ok"]).sum() == 1
     pd.testing.assert_frame_equal(ingest.probe_all(sources, workers=2, max_pixels=10_000_000, chunk=3), whole)
     assert ingest.probe_all([], workers=2, max_pixels=10_000_000).empty
+
+
+def test_hidden_files_and_macos_zip_leftovers_are_not_images_of_the_data_set(tmp_path):
+    """What unzipping a macOS archive or browsing with Finder/Jupyter leaves beside the images: never a class,
+    never an image (a `._x.png` resource fork does not decode and would fail validation)."""
+    root = image_tree(tmp_path / "d", {"cat": 3, "dog": 3, "__MACOSX/cat": 2, ".ipynb_checkpoints": 1,
+                                       "cat/.ipynb_checkpoints": 1, "dog/.thumbnails": 1})
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    table = ingest.folder_table(root)
+    assert ingest.folder_classes(root) == ["cat", "dog"]
+    assert sorted(table["path"]) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]

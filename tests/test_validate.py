@@ -348,3 +348,33 @@ def test_an_expectation_gx_cannot_evaluate_fails_its_check_without_raising(data,
     assert failing(outcome) == {"modes"}
     [item] = check(outcome, "modes").offending
     assert item["item"].startswith("(GX could not evaluate") and "mode" in item["detail"]
+
+
+def test_split_fractions_are_checked_only_where_ingest_drew_the_splits(tmp_path):
+    """A folder split up front 60/20/20 (data.split says 65/10/25): the stage keeps the user's split and passes;
+    the same manifest, had ingest drawn it, fails split_fractions by name."""
+    from tasks import ingest
+    from tasks import validate as stage
+
+    for split, n in (("train", 12), ("valid", 4), ("test", 4)):
+        good_folder(tmp_path / "src" / split, n=n)
+    out = tmp_path / "data"
+    ingest.run("folder", str(tmp_path / "src"), "binary", 0.5, 0.25, 0.10, [], 0, 2, out / "images",
+               out / "manifest.csv", classes_path=out / "classes.json")
+    declared = json.loads((out / "classes.json").read_text())
+    assert declared["classes"] == list(CLASSES) and declared["given_splits"] == ["test", "val"]
+    args = ["--params", str(Path(__file__).parents[1] / "params.yaml"), "--manifest", str(out / "manifest.csv"),
+            "--images", str(out / "images"), "--classes", str(out / "classes.json"),
+            "--out-manifest", str(out / "validated.csv"), "--out-dir", str(tmp_path / "reports")]
+    stage.main(args)
+    results = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    fractions = next(e for e in results["expectations"] if e["name"] == "split_fractions")
+    assert results["success"] and fractions["status"] == "skipped" and "source's own" in fractions["skipped"]
+    assert pd.read_csv(out / "validated.csv")["split"].value_counts().to_dict() == {"train": 36, "val": 12, "test": 12}
+
+    (out / "classes.json").write_text(json.dumps({**declared, "given_splits": []}))
+    with pytest.raises(SystemExit):
+        stage.main(args)
+    results = json.loads((tmp_path / "reports" / "validation.json").read_text())
+    assert not results["success"]
+    assert next(e for e in results["expectations"] if e["name"] == "split_fractions")["success"] is False
