@@ -99,9 +99,9 @@ def inside(path: Path, root: Path, what: str) -> Path:
     return resolved
 
 
-# split folders of a `root/<split>/<class>/<image>` layout (Keras, torchvision ImageFolder per split, Kaggle), by
-# their usual names, case-insensitive
-SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+# the usual names of the splits (case-insensitive): split folders of a `root/<split>/<class>/<image>` layout (Keras,
+# an ImageFolder per split, Kaggle) and a manifest's `split` values
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
 
 
@@ -118,11 +118,11 @@ def _subfolders(folder: Path) -> list[Path]:
 def split_folders(root: str | Path) -> dict[str, Path] | None:
     """The split folders when `root` is split up front (`root/<split>/<class>/<image>`), else None.
 
-    Split-shaped means: every visible sub-folder is named like a split (SPLIT_FOLDERS) and one of them holds
+    Split-shaped means: every visible sub-folder is named like a split (SPLIT_NAMES) and one of them holds
     class folders. So classes that happen to be called `train` and `test`, holding images, stay classes."""
     root = Path(root)
     top = _subfolders(root)
-    named = [p for p in top if p.name.lower() in SPLIT_FOLDERS]
+    named = [p for p in top if p.name.lower() in SPLIT_NAMES]
     if not named or not any(_subfolders(p) for p in named):
         return None
     others = [p.name for p in top if p not in named]
@@ -132,7 +132,7 @@ def split_folders(root: str | Path) -> dict[str, Path] | None:
                           f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>)")
     found: dict[str, Path] = {}
     for p in named:
-        split = SPLIT_FOLDERS[p.name.lower()]
+        split = SPLIT_NAMES[p.name.lower()]
         if split in found:
             raise SourceError(f"{root}: both {found[split].name}/ and {p.name}/ name the {split} split; keep one")
         loose = [f.name for f in sorted(p.iterdir())
@@ -221,9 +221,12 @@ def manifest_table(manifest: str | Path, root: str | Path | None = None) -> pd.D
     df["source"] = [str(s) for s in sources]
     df["label"] = df["label"].astype(str)
     if "split" in df.columns:
-        bad = sorted(set(df["split"].astype(str)) - set(SPLITS) - {""})
+        given = df["split"].fillna("").astype(str).str.strip()
+        bad = sorted(set(given[~given.str.lower().isin(SPLIT_NAMES)]) - {""})
         if bad:
-            raise SourceError(f"{manifest}: unknown split value(s) {bad}; allowed: {list(SPLITS)}")
+            raise SourceError(f"{manifest}: unknown split value(s) {bad}; allowed: {list(SPLITS)} (or "
+                              f"{', '.join(n for n in SPLIT_NAMES if n not in SPLITS)}), or empty to draw the row's split")
+        df["split"] = given.str.lower().map(SPLIT_NAMES).fillna("")
     return df
 
 

@@ -156,3 +156,15 @@ def test_hidden_files_and_macos_zip_leftovers_are_not_images_of_the_data_set(tmp
     table = ingest.folder_table(root)
     assert ingest.folder_classes(root) == ["cat", "dog"]
     assert sorted(table["path"]) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+
+
+def test_manifest_split_values_take_the_usual_names_and_refuse_others_by_name(tmp_path):
+    root = image_tree(tmp_path / "m", {"imgs": 5})
+    (root / "manifest.csv").write_text("path,label,split\nimgs/0.png,a,Train\nimgs/1.png,a,validation\n"
+                                       "imgs/2.png,b,TEST\nimgs/3.png,b, valid \nimgs/4.png,b,\n")
+    table = ingest.manifest_table(root / "manifest.csv")
+    assert table["split"].tolist() == ["train", "val", "test", "val", ""]
+    (root / "manifest.csv").write_text("path,label,split\nimgs/0.png,a,holdout\nimgs/1.png,a,train\n")
+    with pytest.raises(ingest.SourceError, match=r"manifest.csv: unknown split value\(s\) \['holdout'\]; allowed: "
+                                                 r"\['train', 'val', 'test'\]"):
+        ingest.manifest_table(root / "manifest.csv")
