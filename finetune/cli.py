@@ -153,7 +153,9 @@ def _dask_probe(workers: int, address: str | None):
 @app.command()
 @friendly
 def validate(
-    path: Annotated[Path, typer.Argument(help="An image folder (root/<class>/...) or a CSV/Parquet manifest (path,label[,split]).")],
+    path: Annotated[Path, typer.Argument(help="An image folder (root/<class>/..., or root/<split>/<class>/... with "
+                                              "train, val or valid, test) or a CSV/Parquet manifest "
+                                              "(path,label[,split]).")],
     params: ParamsOpt = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="Where the reports go.")] = Path("reports/validate-path"),
     dask_workers: DaskWorkersOpt = None,

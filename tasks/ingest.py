@@ -102,7 +102,7 @@ def inside(path: Path, root: Path, what: str) -> Path:
 # the usual names of the splits (case-insensitive): split folders of a `root/<split>/<class>/<image>` layout (Keras,
 # an ImageFolder per split, Kaggle) and a manifest's `split` values
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}
+               "test": "test", "testing": "test"}
 
 
 def _skipped(name: str) -> bool:
@@ -129,7 +129,8 @@ def split_folders(root: str | Path) -> dict[str, Path] | None:
     if others:
         raise SourceError(f"{root} mixes split folders ({', '.join(p.name for p in named)}) with other folders "
                           f"({', '.join(others)}): put every class folder under a split folder "
-                          f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>)")
+                          f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>; rename a "
+                          f"class folder that is named like a split)")
     found: dict[str, Path] = {}
     for p in named:
         split = SPLIT_NAMES[p.name.lower()]
