@@ -14,9 +14,9 @@ from tasks.ingest import (
     build_manifest,
     folder_classes,
     folder_table,
-    given_splits,
     manifest_table,
     probe_all,
+    whole_splits,
 )
 from tasks.params import ValidateParams
 
@@ -49,7 +49,7 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels:
         return outcome
     manifest = build_manifest(table, test=0.25, val=0.10, stratify_by=[], seed=42,
                               workers=min(8, os.cpu_count() or 1), max_pixels=max_pixels, probe=probe or probe_all,
-                              complete=given_splits(table) if path.is_dir() else ())
+                              complete=whole_splits("folder" if path.is_dir() else "manifest", table))
     outcome = validate_mod.write_docs(
         lambda d: validate_mod.validate_into(manifest, params, classes, None, d, max_pixels), out_dir / "docs")
     outcome.time_s = time.perf_counter() - start

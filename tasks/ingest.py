@@ -129,8 +129,8 @@ def split_folders(root: str | Path) -> dict[str, Path] | None:
     if others:
         raise SourceError(f"{root} mixes split folders ({', '.join(p.name for p in named)}) with other folders "
                           f"({', '.join(others)}): put every class folder under a split folder "
-                          f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>; rename a "
-                          f"class folder that is named like a split)")
+                          f"(<path>/<split>/<class>/<image>) or use no split folders at all (<path>/<class>/<image>; "
+                          f"rename a class folder that is named like a split)")
     found: dict[str, Path] = {}
     for p in named:
         split = SPLIT_NAMES[p.name.lower()]
@@ -273,6 +273,12 @@ def given_splits(df: pd.DataFrame) -> list[str]:
     return sorted(set(df["split"].fillna("").astype(str)) - {""})
 
 
+def whole_splits(source: str, table: pd.DataFrame) -> list[str]:
+    """The splits nothing more is drawn into: a split folder is the whole split; a manifest's split values only pin
+    their rows."""
+    return given_splits(table) if source == "folder" else []
+
+
 PROBE_CHUNK = 4096  # images probed per chunk: one chunk's rows are Python objects, the rest are columns
 
 
@@ -366,11 +372,10 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
     table, classes = source_table(source, path, task, defect_threshold, manifest_name)
     log.info("ingest: %d images from %s source, classes %s", len(table), source, classes)
     named = given_splits(table)
-    complete = named if source == "folder" else []  # split folders are whole splits; manifest rows are pinned rows
     if named:
         log.info("ingest: the split(s) the source names are kept: %s", ", ".join(named))
     manifest = materialise(build_manifest(table, test, val, stratify_by, seed, workers, max_pixels,
-                                          complete=complete), images_dir)
+                                          complete=whole_splits(source, table)), images_dir)
     with atomic_path(manifest_path) as tmp:
         manifest.drop(columns=["source"]).to_csv(tmp, index=False)
     if classes_path is not None:
