@@ -20,6 +20,7 @@ from finetune.local_prefect import QUIET, use_project_server
 from tasks import entry
 from tasks.params import Params, ParamsError, load_params, render_defaults
 from tasks.registry import resolve_root
+from tasks.stages import STAGES, Stage
 
 app = typer.Typer(
     help="Fine-tune a pretrained image classifier on a folder of labelled images and export a gated ONNX model.\n\n"
@@ -186,31 +187,21 @@ def validate(
 
 # ---- stages (dvc.yaml calls `python -m tasks.<stage>`; these run the same `main`) ------------
 
-STAGES = {
-    "ingest": ("tasks.ingest", "Materialise the data source as an image folder + split manifest."),
-    "validate": ("tasks.validate", "Run the Great Expectations suite; write the validated manifest and reports."),
-    "fetch-model": ("tasks.fetch_model", "Resolve and verify the pretrained weights named in `model.*`."),
-    "train": ("tasks.train.stage", "Staged fine-tuning (frozen, then unfrozen); writes the best checkpoint."),
-    "evaluate": ("tasks.evaluate", "Score the checkpoint on the held-out test split (metrics, predictions, plots)."),
-    "gate": ("tasks.gate", "Judge the candidate against the gates and the champion; exit 1 when a gate fails."),
-    "export": ("tasks.export.stage", "Export to ONNX, verify it against PyTorch, optional INT8, model card."),
-    "promote": ("tasks.promote", "Register the exported model and make it the champion."),
-}
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def _stage_command(name: str, module: str, summary: str) -> None:
+def _stage_command(spec: Stage) -> None:
     def command(ctx: typer.Context) -> None:
         import importlib
 
-        importlib.import_module(module).main(list(ctx.args))
+        importlib.import_module(spec.module).main(list(ctx.args))
 
-    command.__doc__ = summary + f" (`python -m {module.removesuffix('.stage')} --help` for its options)"
-    stage_app.command(name, context_settings=PASS_THROUGH, add_help_option=False)(command)
+    command.__doc__ = spec.summary + f" (`python -m {spec.command} --help` for its options)"
+    stage_app.command(spec.cli_name, context_settings=PASS_THROUGH, add_help_option=False)(command)
 
 
-for _name, (_module, _summary) in STAGES.items():
-    _stage_command(_name, _module, _summary)
+for _spec in STAGES:
+    _stage_command(_spec)
 
 
 @params_app.command("defaults")

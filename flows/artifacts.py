@@ -1,6 +1,6 @@
 """What a flow run shows on its page: one artifact per stage output worth reading there.
 
-Each function reads the files a stage wrote (the paths in dvc.yaml) and publishes them; a stage
+Each function reads the files a stage wrote (their paths in `tasks.stages`, which dvc.yaml uses) and publishes them; a stage
 that wrote nothing (it failed before its outputs) publishes nothing. Keys are stable, so the
 Artifacts page keeps one history per key across runs.
 """
@@ -19,27 +19,16 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 
-OUTPUTS = {
-    "model": "models/model.onnx",
-    "model_int8": "models/int8",
-    "model_card": "models/model_card.md",
-    "metrics": "reports/eval/metrics.json",
-    "confusion": "reports/eval/confusion.png",
-    "verdict": "reports/gate/verdict.json",
-    "report": "reports/gate/verdict.md",
-    "promotion": "reports/promote.json",
-    "validation": "reports/validation/validation.md",
-    "data_docs": "reports/validation/docs/index.html",
-    "history": "reports/train/history.csv",
-}
+from tasks import stages
+
 IMAGE_INLINE_MAX = 1_000_000  # bytes; Prefect drops the event of an artifact over ~1.5 MB
 
 
 def validation(root: Path) -> None:
-    summary = root / OUTPUTS["validation"]
+    summary = root / stages.path("validation_md")
     if not summary.exists():
         return
-    docs = root / OUTPUTS["data_docs"]
+    docs = root / stages.path("data_docs") / "index.html"
     where = f"\n\nGreat Expectations Data Docs: [{docs}]({docs.resolve().as_uri()})" if docs.exists() else ""
     create_markdown_artifact(key="validation", markdown=summary.read_text() + where,
                              description="Data validation (Great Expectations)")
@@ -47,7 +36,7 @@ def validation(root: Path) -> None:
 
 def training(root: Path) -> None:
     """Per-epoch training metrics (what `dvc plots show` draws), one row per epoch."""
-    path = root / OUTPUTS["history"]
+    path = root / stages.path("history")
     if not path.exists():
         return
     keep = ("stage", "epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds")
@@ -57,7 +46,7 @@ def training(root: Path) -> None:
 
 
 def metrics(root: Path) -> dict | None:
-    path = root / OUTPUTS["metrics"]
+    path = root / stages.path("metrics")
     if not path.exists():
         return None
     m = json.loads(path.read_text())
@@ -66,7 +55,7 @@ def metrics(root: Path) -> dict | None:
         table=[{"metric": k, "value": round(m[k], 4)} for k in ("accuracy", "macro_recall", "macro_f1") if k in m],
         description=f"Test split ({m.get('n')} images)",
     )
-    png = root / OUTPUTS["confusion"]
+    png = root / stages.path("confusion")
     if png.exists() and png.stat().st_size <= IMAGE_INLINE_MAX:
         uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
         create_image_artifact(image_url=uri, key="confusion-matrix", description=f"Confusion matrix ({png})")
@@ -76,14 +65,14 @@ def metrics(root: Path) -> dict | None:
 
 
 def verdict(root: Path, failed: bool) -> None:
-    path = root / OUTPUTS["report"]
+    path = root / stages.path("verdict_md")
     if path.exists():
         create_markdown_artifact(key="gate-verdict", markdown=path.read_text(),
                                  description="Gate verdict" + (" (failed)" if failed else ""))
 
 
 def model_card(root: Path) -> None:
-    path = root / OUTPUTS["model_card"]
+    path = root / stages.path("model_card")
     if path.exists():
         create_markdown_artifact(key="model-card", markdown=path.read_text(), description=f"Model card ({path})")
 

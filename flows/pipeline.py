@@ -44,11 +44,10 @@ from tasks import lineage
 from tasks.files import read_json
 from tasks.params import OrchestrationParams, Params, load_params
 from tasks.registry import read_metadata, resolve_root
+from tasks.stages import STAGES, Stage, path
 
-STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote")
-IO_STAGES = frozenset({"ingest", "fetch_model", "promote"})  # failures a retry can cure (files, network, locks)
-OUTPUTS = {k: v for k, v in artifacts.OUTPUTS.items() if k in
-           ("model", "model_int8", "model_card", "metrics", "verdict", "report", "promotion")}
+OUTPUTS = {k: path(k) for k in ("model", "model_int8", "model_card", "metrics", "verdict", "verdict_md",
+                                 "promotion")}
 PARAMS_FILE = "params.yaml"  # what dvc.yaml's stages read
 STOP_GRACE_S = 10.0
 
@@ -101,6 +100,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def run_stage(stage: str, workdir: str, timeout_s: float | None = None) -> str:
     """`dvc repro --single-item <stage>`, its output streamed into this task run's log."""
     logger = get_run_logger()
+    before = locked_entry(Path(workdir), stage)
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=workdir, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)  # its own process group: a timeout stops all of it
@@ -128,7 +128,19 @@ def run_stage(stage: str, workdir: str, timeout_s: float | None = None) -> str:
         errors = [t for t in tail if t.startswith("error:")]
         reason = errors[-1].removeprefix("error: ") if errors else (tail[-1] if tail else "no output")
         raise StageFailed(f"stage '{stage}' failed: {reason}")
-    return "skipped (up to date)" if any("didn't change, skipping" in t for t in tail) else "ran"
+    return "ran" if locked_entry(Path(workdir), stage) != before else "skipped (up to date)"
+
+
+def locked_entry(root: Path, stage: str) -> dict | None:
+    """What dvc.lock records for `stage` (its command, deps, params and outs with their hashes), or None. DVC
+    rewrites the entry whenever it runs the stage (or restores it from its run cache) and leaves it alone when
+    the stage is up to date, so comparing it before and after tells the two apart."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return None
+    return ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage)
 
 
 def _not_timed_out(task, task_run, state) -> bool:
@@ -136,9 +148,9 @@ def _not_timed_out(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), TimeoutError)
 
 
-def stage_task(stage: str, orchestration: OrchestrationParams):
+def stage_task(stage: Stage, orchestration: OrchestrationParams):
     """`run_stage` with this stage's retry policy: retries only where a retry can help."""
-    retries = orchestration.io_retries if stage in IO_STAGES else 0
+    retries = orchestration.io_retries if stage.retries else 0
     delays = [orchestration.retry_delay_s * 2**i for i in range(retries)] or 0
     return run_stage.with_options(retries=retries, retry_delay_seconds=delays, retry_condition_fn=_not_timed_out)
 
@@ -170,11 +182,11 @@ def run_stages(root: Path, orchestration: OrchestrationParams) -> dict[str, str]
     ran: dict[str, str] = {}
     for stage in STAGES:
         try:
-            ran[stage] = stage_task(stage, orchestration)(stage, str(root), orchestration.stage_timeout_s)
+            ran[stage.name] = stage_task(stage, orchestration)(stage.name, str(root), orchestration.stage_timeout_s)
         except StageFailed:
-            publish_stage(stage, root, failed=True)
+            publish_stage(stage.name, root, failed=True)
             raise
-        publish_stage(stage, root, failed=False)
+        publish_stage(stage.name, root, failed=False)
     return ran
 
 

@@ -71,33 +71,21 @@ class Option:
     kwargs: dict
 
 
-def stage_main(module: str, doc: str | None, argv: list[str] | None, body: Callable[[Any, argparse.Namespace], None],
-               *options: Option, **paths: str | tuple[str, str]) -> None:
-    """Run a stage as a command: parse `--params`, `--debug`, the stage's paths (`name=default` or
-    `name=(default, help)`; `out_dir` becomes `--out-dir`) and options, load the typed params at the
-    edge, then `body(params, args)` inside `friendly`."""
+def stage_main(stage: str, doc: str | None, argv: list[str] | None, body: Callable[[Any, argparse.Namespace], None],
+               *options: Option, **paths: tuple[str, str]) -> None:
+    """Run pipeline stage `stage` (its name in `tasks.stages`) as a command: parse `--params`, `--debug`, the
+    stage's path options with the defaults `tasks.stages` declares (`out_dir` becomes `--out-dir`), any other
+    `paths` (`name=(default, help)`) and options, load the typed params at the edge, then `body(params, args)`
+    inside `friendly`."""
     from tasks.params import load_params
+    from tasks.stages import stage as stage_of
 
-    prog = "python -m " + module.removesuffix(".stage").removesuffix(".__main__")
-    parser = stage_parser(prog, doc)
-    for name, spec in paths.items():
-        default, help_ = spec if isinstance(spec, tuple) else (spec, PATH_HELP.get(name, ""))
+    spec = stage_of(stage)
+    parser = stage_parser("python -m " + spec.command, doc)
+    for name, (default, help_) in {**spec.path_options(), **paths}.items():
         parser.add_argument("--" + name.replace("_", "-"), type=Path, default=Path(default), help=help_)
     for option in options:
         parser.add_argument(*option.flags, **option.kwargs)
     args = parser.parse_args(argv)
     with friendly(args.debug):
         body(load_params(args.params), args)
-
-
-PATH_HELP = {  # the paths several stages share
-    "manifest": "validated manifest",
-    "images": "materialised image folder",
-    "checkpoint": "trained checkpoint",
-    "metrics": "test metrics (evaluate's output)",
-    "predictions": "per-image test predictions (evaluate's output)",
-    "verdict": "the gate's verdict",
-    "onnx_path": "the exported ONNX model",
-    "int8_dir": "the exported INT8 model's folder",
-    "model_card": "the exported model card",
-}

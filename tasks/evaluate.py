@@ -132,8 +132,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, metrics_pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, checkpoint="models/model.pt", manifest="data/validated.csv",
-               images="data/images", out_dir=("reports/eval", "metrics, predictions and plots (output)"))
+    stage_main("evaluate", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

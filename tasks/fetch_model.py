@@ -38,7 +38,7 @@ def run(source: str, arch: str, weights: str, sha256: str | None, out_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, out_dir=("models/base", "where weights.pt and meta.json go"))
+    stage_main("fetch_model", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

@@ -123,6 +123,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | Path, first_wins: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder to build `path` in; when the block succeeds, swap it in whole.
+
+    Readers see the old folder or the new one, never a half-built one; a failure (or a kill: temps live in the
+    scratch folder and are swept by the next writer) leaves the old folder as it was. `first_wins`: when another
+    process has put a complete `path` in place meanwhile (a cache both built), keep it instead of replacing it.
+    """
+    path = Path(path).absolute()
+    tmp = new_temp(path, directory=True)
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes it private; a built folder gets normal permissions
+    old = None
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if first_wins:
+            try:
+                os.replace(tmp, path)  # refused onto a folder that is not empty: the other writer's, complete
+            except OSError:
+                if not path.exists():
+                    raise
+        else:
+            if path.exists():
+                old = new_temp(path, directory=True)
+                os.replace(path, old)  # onto the empty temp folder: one rename
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

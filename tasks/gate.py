@@ -312,10 +312,7 @@ def run(metrics_path: Path, cfg: GateParams, verdict_path: Path, report_path: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, metrics="reports/eval/metrics.json",
-               predictions="reports/eval/predictions.csv", checkpoint="models/model.pt",
-               manifest="data/validated.csv", images="data/images",
-               out_dir=("reports/gate", "verdict JSON + Markdown (output)"))
+    stage_main("gate", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

@@ -386,9 +386,7 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, images=("data/images", "materialised images (output)"),
-               manifest=("data/manifest.csv", "split manifest (output)"),
-               classes=("data/classes.json", "the classes the source declares (output)"))
+    stage_main("ingest", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

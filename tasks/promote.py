@@ -154,15 +154,10 @@ def register_file(onnx_path: Path, registry_root: Path, model_card: Path | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params,
+    stage_main("promote", __doc__, argv, _from_params,
                Option(("--infra-images",), {"type": int, "default": 8, "help": "test images the infra check sends"}),
                Option(("--infra-timeout",), {"type": float, "default": 180.0,
-                                             "help": "seconds the candidate's server may take to become ready"}),
-               onnx_path="models/model.onnx", int8_dir="models/int8",
-               model_card="models/model_card.md", verdict="reports/gate/verdict.json",
-               metrics="reports/eval/metrics.json", predictions="reports/eval/predictions.csv",
-               images=("data/images", "test images (the infra check sends some to the candidate's server)"),
-               report=("reports/promote.json", "what was registered and promoted (output)"))
+                                             "help": "seconds the candidate's server may take to become ready"}))
 
 
 def _from_params(p: Params, args: Namespace) -> None:

@@ -683,10 +683,7 @@ class ValidationFailed(RuntimeError):
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, manifest=("data/manifest.csv", "manifest from ingest"),
-               images="data/images", classes=("data/classes.json", "the classes the source declares (ingest)"),
-               out_manifest=("data/validated.csv", "validated manifest (output)"),
-               out_dir=("reports/validation", "reports and Data Docs (output)"))
+    stage_main("validate", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

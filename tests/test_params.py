@@ -33,7 +33,7 @@ def test_typed_defaults_equal_params_yaml(tmp_path):
 
 def test_params_yaml_is_rendered_from_the_models_with_every_knob_documented():
     text = committed_params_yaml()
-    assert text == render_defaults(), "params.yaml drifted from tasks/params.py: `finetune params defaults > params.yaml`"
+    assert text == render_defaults(), "params.yaml drifted from tasks/params/schema.py: `finetune params defaults > params.yaml`"
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     second_stage = [i for i, line in enumerate(lines) if line.lstrip().startswith("- name:")][1]
     assert all("#" in line for line in lines[:second_stage])  # every knob up to there carries its comment

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from tasks import stages
 from tests.importgraph import (
     REPO,
     closure,
@@ -22,8 +23,7 @@ from tests.importgraph import (
 )
 
 # The stage modules (or packages); a stage may import shared modules, never another stage.
-STAGES = ("tasks.ingest", "tasks.validate", "tasks.fetch_model", "tasks.train", "tasks.evaluate", "tasks.gate",
-          "tasks.export", "tasks.promote")
+STAGES = tuple(s.command for s in stages.STAGES)
 
 
 def stage_of(module: str) -> str | None:
@@ -96,3 +96,81 @@ def test_consumer_modules_import_neither_torch_nor_prefect(module):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing {module} loaded {out.stdout.strip()}"
+
+
+# ---- one table per fact ---------------------------------------------------------------------------------------
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def declared_outputs(stage: dict) -> set[str]:
+    out = set()
+    for key in ("outs", "metrics", "plots"):
+        for item in stage.get(key, []):
+            out.add(next(iter(item)) if isinstance(item, dict) else item)
+    return out
+
+
+def test_dvc_yaml_runs_the_stage_table_in_order_with_its_paths():
+    """dvc.yaml's stages are tasks.stages' stages, in order; each command is the table's module with its path
+    options at their defaults, and each stage's outputs are files the table says it writes."""
+    found = dvc_stages()
+    assert list(found) == list(stages.NAMES)
+    for spec in stages.STAGES:
+        assert found[spec.name]["cmd"].split() == spec.argv(), spec.name
+        written = {stages.path(f) for f in spec.writes}
+        for out in declared_outputs(found[spec.name]):
+            assert out in written or any(out.startswith(w + "/") for w in written), (spec.name, out)
+        for w in written:  # each file the table names is an output, or a folder holding outputs
+            assert any(o == w or o.startswith(w + "/") or w.startswith(o + "/")
+                       for o in declared_outputs(found[spec.name])), (spec.name, w)
+
+
+def test_every_reader_of_the_stage_list_reads_the_table():
+    """The CLI's `finetune stage` commands, the flow's order and retries, and each stage's path options come from
+    tasks.stages (the stage's `--help` shows the table's defaults)."""
+    from typer.main import get_command
+
+    from finetune.cli import stage_app
+    from flows import pipeline
+
+    assert sorted(get_command(stage_app).commands) == sorted(s.cli_name for s in stages.STAGES)
+    assert pipeline.STAGES is stages.STAGES
+    for spec in stages.STAGES:
+        out = subprocess.run([sys.executable, "-m", spec.command, "--help"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        for option, file in spec.options.items():
+            assert f"--{option.replace('_', '-')}" in out.stdout and stages.path(file) in out.stdout, (spec.name, option)
+
+
+def test_pipeline_paths_are_spelt_once_in_shipped_code():
+    """A pipeline file's path (data/validated.csv, reports/eval/metrics.json...) is written in tasks/stages.py
+    only; everything else reads it from there."""
+    paths = {default for default, _ in stages.FILES.values() if "/" in default}
+    offenders = []
+    for module in project_modules():
+        if module == "tasks.stages":
+            continue
+        text = module_file(module).read_text()
+        offenders += [(module, p) for p in paths if f'"{p}"' in text or f"'{p}'" in text]
+    assert not offenders, offenders
+
+
+def test_modules_and_functions_stay_small():
+    """No shipped module over 450 lines, no function over 80 (bench/ excepted: scripts read top to bottom)."""
+    import ast
+
+    long_modules, long_functions = [], []
+    for module in project_modules():
+        path = module_file(module)
+        text = path.read_text()
+        if len(text.splitlines()) > 450:
+            long_modules.append((module, len(text.splitlines())))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long_functions.append((module, node.name, node.end_lineno - node.lineno + 1))
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions

@@ -164,12 +164,7 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main(__name__, __doc__, argv, _from_params, checkpoint="models/model.pt", manifest="data/validated.csv",
-               images="data/images", verdict="reports/gate/verdict.json", metrics="reports/eval/metrics.json",
-               onnx_path=("models/model.onnx", "the ONNX model (output)"),
-               int8_dir=("models/int8", "INT8 model folder (output)"),
-               model_card=("models/model_card.md", "model card (output)"),
-               report=("reports/export.json", "parity + INT8 report (output)"))
+    stage_main("export", __doc__, argv, _from_params)
 
 
 def _from_params(p: Params, args: Namespace) -> None:

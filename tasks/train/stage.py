@@ -146,11 +146,7 @@ def write_history(path: Path, history: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     resume = Option(("--resume",), dict(action=argparse.BooleanOptionalAction, default=True,
                     help="continue from --state when it is from a run with the same data, weights and params"))
-    stage_main(__name__, __doc__, argv, _from_params, resume, manifest="data/validated.csv", images="data/images",
-               base=("models/base", "pretrained weights from fetch_model"),
-               checkpoint=("models/model.pt", "best checkpoint (output)"),
-               metrics=("reports/train/summary.json", "training summary (output)"),
-               history=("reports/train/history.csv", "per-epoch CSV (output)"),
+    stage_main("train", __doc__, argv, _from_params, resume,
                state=("models/train_state.pt", "training state saved after every epoch (removed when training ends)"))
 
 

@@ -1,42 +1,25 @@
-"""Typed pipeline parameters: the one source of every knob's type, bounds, default and documentation.
+"""The params schema: every knob's type, bounds, default and description, as pydantic models.
 
-`params.yaml` is rendered from these models (`finetune params defaults`, or
-`python -m tasks.params`), so its values and comments are exactly the defaults and descriptions
-below, and a test keeps them equal. Reading validates: unknown keys and bad values are refused with
-the dotted key named, so a typo in `params.yaml` or in `--set` fails before any work starts. Each
-stage reads only its own section (plus `seed`), which is also what `dvc.yaml` declares for it.
+`params.yaml` is rendered from these models (`tasks.params.render`), so its values and comments are exactly the
+defaults and descriptions below. Each stage reads only its own section (plus `seed`), which is also what `dvc.yaml`
+declares for it.
 """
 
 from __future__ import annotations
 
-import io
-import sys
-import textwrap
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from ruamel.yaml import YAML
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 
-HEADER = """\
-# Every knob of the pipeline. Validated on load (unknown keys and bad values are refused with
-# the key named); override any of them with `finetune run --set section.key=value`.
-# Rendered from tasks/params.py (`finetune params defaults`): the defaults and these comments live there.
-"""
-
-
-class ParamsError(ValueError):
-    """A params file or override is unusable; the message names the key and the problem."""
 
 
 class Strict(BaseModel):
@@ -423,178 +406,3 @@ def augmentations(data: DataParams, train: TrainParams) -> list[str]:
     if train.augment != "auto":
         return list(train.augment)
     return list(DIHEDRAL_AUGMENT if orientation_invariant(data) else NATURAL_AUGMENT)
-
-
-# ---- reading, overriding, writing -----------------------------------------------------------
-
-
-def _yaml() -> YAML:
-    yaml = YAML()  # round-trip: keeps the comments that document every knob
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    yaml.width = 4096
-    return yaml
-
-
-def parse_value(text: str) -> Any:
-    """Parse one `--set` value as YAML (so `1e-3`, `true`, `[a, b]` and `null` work)."""
-    value = YAML(typ="safe").load(text)
-    return text if value is None and text.strip() not in ("null", "~", "") else value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `key.sub=value` overrides in place; unknown top-level paths are caught by validation."""
-    for item in overrides:
-        if "=" not in item:
-            raise ParamsError(f"override '{item}' is not of the form key=value (e.g. train.batch_size=16)")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = raw
-        for i, part in enumerate(parts):
-            where = ".".join(parts[: i + 1])
-            last = i == len(parts) - 1
-            if isinstance(node, list):  # e.g. train.stages.1.lr
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ParamsError(f"override '{key}': '{where}' is not an index of a {len(node)}-item list")
-                part = int(part)
-            elif not isinstance(node, dict):
-                raise ParamsError(f"override '{key}': '{'.'.join(parts[:i])}' is not a section")
-            if last:
-                node[part] = parse_value(text)
-            else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-    return raw
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        key = key.replace("validate_", "validate")
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
-        else:
-            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
-            lines.append(f"{source}: bad value for '{key}': {shown} ({e['msg']})")
-    return "; ".join(lines)
-
-
-def read_raw(path: Path) -> dict:
-    if not path.exists():
-        raise ParamsError(f"params file not found: {path}")
-    try:
-        data = _yaml().load(path.read_text())
-    except Exception as exc:  # ruamel raises many types; the message is what matters
-        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: top level must be a mapping of sections")
-    return data
-
-
-def validate_params(raw: dict, source: str = "params") -> Params:
-    try:
-        return Params.model_validate(_plain(raw))
-    except ValidationError as err:
-        raise ParamsError(_format_error(err, source)) from None
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params; raise ParamsError naming the key on any problem."""
-    path = Path(path)
-    raw = apply_overrides(read_raw(path), overrides or [])
-    return validate_params(raw, str(path))
-
-
-def write_overrides(path: str | Path, overrides: list[str]) -> Params:
-    """Validate `overrides` and write them into the params file, keeping its comments.
-
-    Like `dvc exp run --set-param`: the file DVC tracks must say what produced the outputs.
-    """
-    from tasks.files import atomic_write
-
-    path = Path(path)
-    raw = apply_overrides(read_raw(path), overrides)
-    params = validate_params(raw, str(path))
-    buf = io.StringIO()
-    _yaml().dump(raw, buf)
-    atomic_write(path, buf.getvalue())
-    return params
-
-
-def _plain(node: Any) -> Any:
-    """ruamel's commented containers -> plain dicts/lists for pydantic."""
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    return node
-
-
-# ---- rendering params.yaml from the models --------------------------------------------------
-
-COMMENT_COLUMN = 29
-WIDTH = 118
-
-
-def _scalar(value: Any) -> str:
-    """A YAML scalar or flow list that reads back as `value`."""
-    if isinstance(value, list):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    plain_ok = text and YAML(typ="safe").load(text) == text and not any(c in text for c in ",[]{}#")
-    return text if plain_ok else "'" + text.replace("'", "''") + "'"
-
-
-def _lines(key_text: str, description: str | None) -> list[str]:
-    """`key_text` with its description as an aligned end-of-line comment, wrapped."""
-    if not description:
-        return [key_text]
-    column = max(COMMENT_COLUMN, len(key_text) + 1)
-    wrapped = textwrap.wrap(description, width=max(40, WIDTH - column - 2))
-    out = [key_text.ljust(column) + "# " + wrapped[0]]
-    out += [" " * column + "# " + line for line in wrapped[1:]]
-    return out
-
-
-def _render_model(model: BaseModel, indent: int, documented: bool = True) -> list[str]:
-    out: list[str] = []
-    pad = " " * indent
-    for name, field in type(model).model_fields.items():
-        key = field.alias or name
-        value = getattr(model, name)
-        description = field.description if documented else None
-        if isinstance(value, BaseModel):
-            if indent == 0:
-                out.append("")
-            out += _lines(f"{pad}{key}:", description)
-            out += _render_model(value, indent + 2, documented)
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            out += _lines(f"{pad}{key}:", description)
-            for i, item in enumerate(value):
-                item_lines = _render_model(item, indent + 4, documented and i == 0)
-                first = item_lines[0].lstrip()
-                out.append(f"{pad}  - {first}")
-                out += item_lines[1:]
-        else:
-            out += _lines(f"{pad}{key}: {_scalar(value)}", description)
-    return out
-
-
-def render_defaults() -> str:
-    """The default `params.yaml`: every knob with its default value and its description."""
-    return HEADER + "\n" + "\n".join(_render_model(Params(), 0)) + "\n"
-
-
-if __name__ == "__main__":  # `python -m tasks.params > params.yaml`
-    sys.stdout.write(render_defaults())
