@@ -43,7 +43,7 @@ from tasks import registry  # noqa: E402
 from tasks.entry import setup_logging  # noqa: E402
 from tasks.files import write_json  # noqa: E402
 from tasks.inference import OnnxClassifier, session  # noqa: E402
-from tasks.serving_check import ServerProcess, binary_infer_body  # noqa: E402
+from tasks.promote.serving_check import ServerProcess, binary_infer_body  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 TARGET_P99_MS, TARGET_FRACTION = 50.0, 0.70

@@ -103,7 +103,8 @@ def load_data(args) -> dict:
         x, y = synthetic_images(args.n_train + args.n_val, args.size, args.seed)
         return {"source": "synthetic (grey cells, class 1 with a dark crack)", "classes": ["ok", "crack"],
                 "train": (x[: args.n_train], y[: args.n_train]), "val": (x[args.n_train :], y[args.n_train :])}
-    from tasks.ingest import assign_splits, elpv_root, elpv_table
+    from tasks.ingest import assign_splits
+    from tasks.sources.elpv import elpv_root, elpv_table
     from tasks.manifest import read_manifest
 
     if source == "pipeline":

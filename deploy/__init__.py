@@ -9,7 +9,10 @@ serving container stays small (deploy/Dockerfile). docs/serving.md is the guide.
     batching     running the model for concurrent requests (micro-batching on or off)
     service      the served model: preprocess -> predict -> postprocess, and the hot swap
     observability  Prometheus metrics, JSON logs, the access log
-    server       the FastAPI app and `python -m deploy.server`
+    routes/      each URL's handler, by audience: v2 (the protocol), api (upload, model info, the page), ops
+    guards       the body-size limit and the bearer token;  errors: every error as {"error": ...}
+    settings     what the server can be set to (`Settings`)
+    server       the app composed from those (`create_app`) and `python -m deploy.server`
     predict      `finetune predict` (streaming batch prediction)
     triton       `finetune export-triton` (a Triton model repository)
 """

@@ -16,9 +16,11 @@ Routes (docs/serving.md has examples):
     GET  /metrics                                   Prometheus
     GET  /                                          the web page;  GET /openapi.json: the OpenAPI schema
 
-Errors are `{"error": "..."}` with a 4xx status (5xx only for the server's own failures), and the server
-keeps serving. With a token (FINETUNE_SERVE_TOKEN or --token-file), infer, predict and admin routes need
-`Authorization: Bearer <token>`.
+Each URL's handler is in `deploy/routes/` (v2: the protocol; api: upload, model info, the page; ops: metrics,
+reload); this module composes them into the app (`create_app`: lifespan, middleware, error handlers, routers)
+and runs it. Errors are `{"error": "..."}` with a 4xx status (5xx only for the server's own failures,
+`deploy/errors.py`), and the server keeps serving. With a token (FINETUNE_SERVE_TOKEN or --token-file), infer,
+predict and admin routes need `Authorization: Bearer <token>` (`deploy/guards.py`).
 """
 
 from __future__ import annotations
@@ -26,303 +28,70 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 
-from deploy import protocol
+from deploy import errors
 from deploy.batching import Runner
+from deploy.guards import BodyLimit
 from deploy.observability import AccessLog, Metrics, configure_logging
-from deploy.protocol import HEADER_LEN, V2Error
+from deploy.protocol import V2Error
+from deploy.routes import api, ops, v2
 from deploy.service import Service, Source
-from tasks.images import DEFAULT_MAX_PIXELS
+from deploy.settings import SERVER_VERSION, Settings
 from tasks.inference import ModelError
 from tasks.registry import RegistryError
 
 log = logging.getLogger("deploy.server")
-SERVER_NAME = "finetune-serving"
-SERVER_VERSION = "0.1.0"
-UI_PAGE = Path(__file__).parent / "ui" / "index.html"
 TOKEN_ENV = "FINETUNE_SERVE_TOKEN"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything `python -m deploy.server` / `finetune serve` can set (`--help` documents each)."""
-
-    model: str = "champion"
-    registry: Path = Path("registry")
-    precision: str = "fp32"
-    name: str = "classifier"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    fd: int | None = None
-    token: str | None = None
-    max_body_bytes: int = 64 << 20
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_files: int = 64
-    top_k: int = 3
-    batching: bool = False
-    max_batch: int = 32
-    batch_delay_ms: float = 0.0
-    concurrency: int | None = None  # None: one model call per core (measured best on CPU: docs/serving.md)
-    threads: int | None = None      # None: cores / concurrency
-    poll_s: float = 1.0
-    log_level: str = "info"
-    log_format: str = "json"
-    access_log: bool = True
-
-
-class BodyLimit:
-    """Pure ASGI: 413 `{"error"}` for a declared Content-Length over the limit, before reading anything, and
-    for a streamed body once it grows past it. (Starlette's own limiter answers text/plain, bypassing the
-    JSON error handlers.)"""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse({"error": f"request body of {declared} bytes is over the limit of "
-                                              f"{self.max_bytes} bytes"}, status_code=413)
-            return await response(scope, receive, send)
-        total = 0
-
-        async def limited_receive():
-            nonlocal total
-            message = await receive()
-            if message["type"] == "http.request":
-                total += len(message.get("body", b""))
-                if total > self.max_bytes:  # raised inside the route: the V2Error handler answers
-                    raise V2Error(413, f"request body is over the limit of {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def check_token(request: Request, token: str | None) -> None:
-    """Bearer-token auth for infer, predict and admin routes (nothing to check without a token)."""
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise V2Error(401, "this route needs a bearer token: send 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise V2Error(401, "the bearer token is not valid")
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    if status == 401:
-        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(parts) or "invalid request"
-
-
-INFER_BODY = {  # OpenAPI: the body is read by hand (tritonclient sends no Content-Type), so describe it here
-    "required": True,
-    "description": "A KServe v2 inference request. With binary tensors, the JSON part is followed by the raw "
-                   f"tensor bytes and the `{HEADER_LEN}` header gives the JSON part's length.",
-    "content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object", "description": "binary_data_output: bool"},
-            "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "shape", "datatype"],
-                       "properties": {"name": {"type": "string", "example": "image"},
-                                      "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 3, 224, 224]},
-                                      "datatype": {"type": "string", "example": "UINT8"},
-                                      "parameters": {"type": "object", "description": "binary_data_size: int"},
-                                      "data": {"type": "array", "items": {}}}}},
-            "outputs": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "parameters": {"type": "object",
-                                                           "description": "binary_data: bool, classification: int"}}}},
-        }}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
-UPLOAD_BODY = {
-    "required": True,
-    "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "top_k": {"type": "integer", "minimum": 1}}}}},
-}
-
-
 def create_app(service: Service, settings: Settings, metrics: Metrics | None = None) -> FastAPI:
-    """The ASGI app around a loaded `Service`: routes hand off to it; the lifespan starts the model runner
-    and the champion watcher and stops them."""
+    """The ASGI app around a loaded `Service`: the routers (deploy/routes/) hand off to it; the lifespan starts the
+    model runner and the champion watcher and stops them."""
     metrics = metrics or Metrics()
     metrics.served(service.current)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await service.runner.start()
-        watcher = asyncio.create_task(service.watch(settings.poll_s)) if settings.poll_s > 0 else None
-        log.info("serving %s version %s (%s) from %s on the KServe v2 protocol", service.current.name,
-                 service.current.version, service.current.precision, service.source.describe(),
-                 extra={"event": "start", "runner": service.runner.describe(), "precision": service.current.precision})
-        try:
-            yield
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-            await service.runner.stop()
-
     app = FastAPI(title="finetune model server", version=SERVER_VERSION, lifespan=lifespan, docs_url=None,
                   redoc_url=None, description=__doc__.split("\n\n")[0])
-    app.state.service, app.state.metrics = service, metrics
+    app.state.service, app.state.settings, app.state.metrics = service, settings, metrics
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog, metrics=metrics)
-
-    @app.exception_handler(V2Error)
-    async def v2_error(request: Request, exc: V2Error):
-        return _error(exc.status, exc.message)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} is not "
-                   f"allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return _error(exc.status_code, message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        return _error(400, _validation_message(exc))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); the server logged it")
-
-    # ---- health and metadata ----------------------------------------------------------------
-
-    @app.get("/v2/health/live", tags=["health"], summary="Live: the process answers")
-    async def live() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/v2/health/ready", tags=["health"], summary="Ready: a checked model is loaded")
-    async def ready() -> Response:
-        return Response(status_code=200 if service.current is not None else 503)
-
-    @app.get("/v2", tags=["metadata"], summary="Server metadata")
-    async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "classification"]}
-
-    @app.get("/v2/models/{name}", tags=["metadata"], summary="Model metadata: tensors and the version served")
-    @app.get("/v2/models/{name}/versions/{version}", tags=["metadata"], summary="Model metadata (a version)")
-    async def model_metadata(name: str, version: str | None = None) -> dict:
-        return service.model(name, version).metadata()
-
-    @app.get("/v2/models/{name}/ready", tags=["health"], summary="Model ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["health"], summary="Model version ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
-        service.model(name, version)
-        return Response(status_code=200)
-
-    # ---- inference -------------------------------------------------------------------------------
-
-    @app.post("/v2/models/{name}/infer", tags=["inference"], summary="Infer (KServe v2, JSON or binary tensors)",
-              openapi_extra={"requestBody": INFER_BODY})
-    @app.post("/v2/models/{name}/versions/{version}/infer", tags=["inference"], summary="Infer (a version)",
-              openapi_extra={"requestBody": INFER_BODY})
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        check_token(request, settings.token)
-        model = service.model(name, version)  # captured once: a hot swap during this request does not affect it
-        body = protocol.decompress(await request.body(), request.headers.get("content-encoding"),
-                                   settings.max_body_bytes)
-        payload, tail = protocol.split_body(body, request.headers.get(HEADER_LEN))
-        feeds = protocol.decode_inputs(payload, tail, model.inputs, model.name)
-        wanted = protocol.requested_outputs(payload, model.outputs)
-        results = await service.infer(model, feeds)
-        content, headers = protocol.encode_response(payload, wanted, results, model.outputs, model.classes,
-                                                    model.name, model.version)
-        return Response(content, headers=headers)
-
-    @app.post("/api/predict", tags=["inference"], summary="Upload images, get top-k labels",
-              openapi_extra={"requestBody": UPLOAD_BODY})
-    async def predict(request: Request, top_k: int | None = None) -> dict:
-        check_token(request, settings.token)
-        model = service.current  # captured once, as in infer
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise V2Error(415, "send the images as multipart/form-data, one 'files' part per image")
-        async with request.form(max_files=settings.max_files, max_fields=8) as form:
-            parts = form.getlist("files") + form.getlist("file")
-            if form.get("top_k") is not None and top_k is None:
-                top_k = _as_int(form.get("top_k"), "top_k")
-            if not parts:
-                raise V2Error(400, "no images: send one or more 'files' parts (multipart/form-data)")
-            files = []
-            for part in parts:
-                if not isinstance(part, UploadFile):
-                    raise V2Error(400, "each 'files' part must be a file, not a text field")
-                files.append((part.filename or "<upload>", await part.read()))
-        k = top_k if top_k is not None else settings.top_k
-        if k < 1:
-            raise V2Error(400, f"top_k must be at least 1, got {k}")
-        images = await run_in_threadpool(service.preprocess, model, files)
-        _, probs = await service.predict(model, images)
-        return {"model_name": model.name, "model_version": model.version,
-                "predictions": service.postprocess(model, [f[0] for f in files], probs, k)}
-
-    @app.get("/api/model", tags=["metadata"], summary="The served model: version, classes, lineage, model card")
-    async def model_info() -> dict:
-        info = service.current.info()
-        info["last_swap"] = service.last_swap
-        info["auth"] = settings.token is not None
-        info["top_k"] = settings.top_k
-        return info
-
-    @app.post("/admin/reload", tags=["admin"], summary="Check the model source now and hot-swap if it changed")
-    async def reload(request: Request) -> dict:
-        check_token(request, settings.token)
-        outcome = await service.refresh(force=True)
-        if outcome.get("error"):
-            raise V2Error(409, f"the new model was not swapped in: {outcome['error']}; still serving "
-                               f"version {outcome['version']}")
-        return outcome
-
-    # ---- operators and people ----------------------------------------------------------------
-
-    @app.get("/metrics", tags=["metadata"], summary="Prometheus metrics")
-    async def prometheus(request: Request) -> Response:
-        content, content_type = metrics.render(request.headers.get("accept", ""))
-        return Response(content, headers={"Content-Type": content_type})
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
-
+    app.add_exception_handler(V2Error, errors.v2_error)
+    app.add_exception_handler(HTTPException, errors.http_error)
+    app.add_exception_handler(RequestValidationError, errors.validation_error)
+    app.add_exception_handler(Exception, errors.unexpected)
+    for router in (v2.router, api.router, ops.router):
+        app.include_router(router)
     return app
 
 
-def _as_int(value, name: str) -> int:
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Start the model runner and (when polling) the champion watcher; at shutdown, stop both."""
+    service: Service = app.state.service
+    settings: Settings = app.state.settings
+    await service.runner.start()
+    watcher = asyncio.create_task(service.watch(settings.poll_s)) if settings.poll_s > 0 else None
+    log.info("serving %s version %s (%s) from %s on the KServe v2 protocol", service.current.name,
+             service.current.version, service.current.precision, service.source.describe(),
+             extra={"event": "start", "runner": service.runner.describe(), "precision": service.current.precision})
     try:
-        return int(str(value))
-    except ValueError:
-        raise V2Error(400, f"{name} must be an integer, got {value!r}") from None
+        yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await service.runner.stop()
 
 
 # ---- running ---------------------------------------------------------------------------------------

@@ -7,19 +7,28 @@ failures (bad params, missing data, failed gate...) into one line on stderr and 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from finetune.local_prefect import QUIET, use_project_server
-from tasks import entry
-from tasks.params import Params, ParamsError, load_params, render_defaults
-from tasks.registry import resolve_root
+from finetune.options import (
+    Debug,
+    ParamsOpt,
+    RegistryOpt,
+    SetOpt,
+    WorkdirOpt,
+    friendly,
+    load,
+    registry_root,
+)
+from finetune.prefect_cli import prefect_app
+from finetune.registry_cli import promote_cmd, registry_app, rollback_cmd
+from tasks.params import Params, ParamsError, render_defaults
 from tasks.stages import STAGES, Stage
 
 app = typer.Typer(
@@ -42,37 +51,9 @@ params_app = typer.Typer(help="The params file: its defaults, documented.", no_a
 app.add_typer(params_app, name="params")
 log = logging.getLogger("finetune")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a param: dotted key=value, "
-                                                     "e.g. --set train.batch_size=16 (repeatable).")]
-DEBUG = os.environ.get("FINETUNE_DEBUG") == "1"
-
-
-def friendly(fn: Callable) -> Callable:
-    """Run a command; any exception becomes `error: <message>` and exit 1 (traceback with --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with entry.friendly(DEBUG, keep=(typer.Exit,)):
-                return fn(*args, **kwargs)
-        except SystemExit as exc:  # entry.friendly's exit codes, as typer expects them
-            raise typer.Exit(exc.code if isinstance(exc.code, int) else 1) from None
-
-    return wrapper
-
-
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
-    global DEBUG
-    DEBUG = DEBUG or debug
-
-
-def _params(path: Path, overrides: list[str] | None = None) -> Params:
-    return load_params(path, overrides or [])
-
-
-WorkdirOpt = Annotated[Path, typer.Option(help="Project folder (a git + DVC repository).")]
+    Debug.on = Debug.on or debug
 
 
 def _prepare_flow_run(workdir: Path, params: Path, set_: list[str] | None) -> None:
@@ -81,7 +62,7 @@ def _prepare_flow_run(workdir: Path, params: Path, set_: list[str] | None) -> No
     if (workdir / params).resolve() != (workdir / "params.yaml").resolve():
         raise ParamsError(f"--params {params}: the stages read {workdir / 'params.yaml'} (dvc.yaml), so a run uses "
                           "that file; copy yours over it or give the changes with --set")
-    _params(workdir / params, set_)
+    load(workdir / params, set_)
     # Without a configured Prefect API, Prefect starts a temporary local server; on a busy
     # 2-core machine that can take longer than its 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -171,12 +152,12 @@ def validate(
     from finetune.local_prefect import prefect_api
     from finetune.validate_any import validate_path
 
-    p = _params(params) if params.exists() else Params()
+    p = load(params) if params.exists() else Params()
     workers, address = _dask(p, dask_workers, dask_address)
     dask = workers > 0 or bool(address)
     with prefect_api(Path(".")) if dask else nullcontext():
         outcome = validate_path(path, p.validate_, out, max_pixels=p.data.max_pixels,
-                                probe=_dask_probe(workers, address) if dask else None)
+                                probe=_dask_probe(workers, address) if dask else None, split=p.data.split, seed=p.seed)
     for line in outcome.warnings:
         typer.echo(f"warning: {line}", err=True)
     for line in outcome.failures:
@@ -210,99 +191,12 @@ def params_defaults() -> None:
     typer.echo(render_defaults(), nl=False)
 
 
-# ---- model registry -------------------------------------------------------------------------
-
-RegistryOpt = Annotated[Optional[Path], typer.Option(
-    "--registry", "-r", help="Registry folder; default: registry.root from the params file (relative to its folder).")]
-
-
-def _registry_root(params: Path, p: Params | None = None, override: Path | None = None) -> Path:
-    if override is not None:
-        return override
-    if p is None:
-        p = _params(params) if params.exists() else Params()
-    return resolve_root(params, p.registry.root)
-
-
-@app.command("promote")
-@friendly
-def promote_cmd(
-    version: Annotated[Optional[str], typer.Argument(help="Version to make champion (3, v3, v0003); default: the newest.")] = None,
-    params: ParamsOpt = Path("params.yaml"),
-    registry_: RegistryOpt = None,
-) -> None:
-    """Make a registered version the champion (the alias moves atomically; the old champion goes onto the
-    history, so `finetune rollback` can bring it back). By hand: no gate is consulted."""
-    from tasks import registry
-
-    root = _registry_root(params, override=registry_)
-    alias, changed = registry.promote(root, version, reason="promoted by hand (finetune promote)", by_hand=True)
-    previous = alias["history"][-1] if alias["history"] else "none"
-    typer.echo(f"champion: {alias['version']}" + (f" (was {previous})" if changed else " (already the champion)")
-               + f"  [{root}]")
-
-
-@app.command("rollback")
-@friendly
-def rollback_cmd(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOpt = None) -> None:
-    """Move the champion alias back to the previous champion."""
-    from tasks import registry
-
-    root = _registry_root(params, override=registry_)
-    before = registry.read_champion(root)
-    alias = registry.rollback(root, reason="finetune rollback")
-    typer.echo(f"champion: {alias['version']} (rolled back from {before['version'] if before else '?'})  [{root}]")
-
-
-registry_app = typer.Typer(help="The model registry: numbered versions and the champion alias (see README).",
-                           no_args_is_help=True)
-app.add_typer(registry_app, name="registry")
-
-
-@registry_app.command("list")
-@friendly
-def registry_list(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOpt = None) -> None:
-    """Versions, oldest first, with their test metrics; `*` marks the champion."""
-    from tasks import registry
-
-    root = _registry_root(params, override=registry_)
-    versions = registry.list_versions(root)
-    if not versions:
-        typer.echo(f"registry {root}: no versions yet")
-        return
-    alias = registry.read_champion(root)
-    champ = alias["version"] if alias else None
-    typer.echo("   version  created                    accuracy  macro_f1  source    onnx sha256")
-    for v in versions:
-        meta = registry.read_metadata(root, v)
-        m = meta.get("metrics") or {}
-        fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"  # noqa: E731
-        typer.echo(f"{'*' if v == champ else ' '}  {v:7}  {str(meta.get('created_at', '?')):25}  "
-                   f"{fmt(m.get('accuracy')):8}  {fmt(m.get('macro_f1')):8}  {str(meta.get('source', '?')):8}  "
-                   f"{str(meta.get('onnx_sha256', ''))[:12]}")
-    typer.echo(f"champion: {champ or 'none'}" + (f" (history: {', '.join(alias['history'])})"
-                                                 if alias and alias["history"] else "") + f"  [{root}]")
-
-
-@registry_app.command("add")
-@friendly
-def registry_add(
-    onnx_path: Annotated[Path, typer.Argument(help="An ONNX model exported by this pipeline (its metadata is read).")],
-    model_card: Annotated[Optional[Path], typer.Option(help="Its model card (Markdown).")] = None,
-    note: Annotated[str, typer.Option(help="Why it is registered by hand.")] = "",
-    params: ParamsOpt = Path("params.yaml"),
-    registry_: RegistryOpt = None,
-) -> None:
-    """Register an ONNX model by hand (e.g. the first champion when gates.first_run is 'block');
-    `finetune promote VERSION` then makes it champion."""
-    from tasks import promote
-
-    root = _registry_root(params, override=registry_)
-    version, created = promote.register_file(onnx_path, root, model_card=model_card, note=note)
-    typer.echo(f"{'registered as' if created else 'already registered as'} {version}  [{root}]")
-
-
 # ---- serving (deploy/) --------------------------------------------------------------------------
+
+
+app.command("promote")(promote_cmd)
+app.command("rollback")(rollback_cmd)
+app.add_typer(registry_app, name="registry")
 
 
 @app.command("serve", context_settings=PASS_THROUGH, add_help_option=False)
@@ -315,7 +209,7 @@ def serve_cmd(ctx: typer.Context) -> None:
     args = list(ctx.args)
     wants_help = any(a in ("-h", "--help") for a in args)
     if not wants_help and not any(a in ("--registry", "-r") or a.startswith("--registry=") for a in args):
-        args = ["--registry", str(_registry_root(Path("params.yaml")))] + args
+        args = ["--registry", str(registry_root(Path("params.yaml")))] + args
     raise typer.Exit(server_main(args, prog="finetune serve"))
 
 
@@ -344,14 +238,14 @@ def predict_cmd(
 
     With --dask-workers/--dask-address (or orchestration.dask_* in params.yaml) one folder is split into chunks
     and predicted by the `batch-predict` flow on a Dask cluster, writing a CSV."""
-    p = _params(params) if params.exists() else Params()
+    p = load(params) if params.exists() else Params()
     workers_dask, address = _dask(p, dask_workers, dask_address)
     if workers_dask > 0 or address:
-        _predict_on_dask(model, paths, out, _registry_root(params, p, registry_), workers_dask, address)
+        _predict_on_dask(model, paths, out, registry_root(params, p, registry_), workers_dask, address)
         return
     from deploy.predict import predict
 
-    summary = predict(model, list(paths), out, _registry_root(params, p, registry_), root=root,
+    summary = predict(model, list(paths), out, registry_root(params, p, registry_), root=root,
                       workers=workers, batch_size=batch_size, progress=progress)
     where = f" to {summary.out}" if summary.out != "-" else ""
     typer.echo(f"{summary.images} predictions{where} (model {summary.version or summary.model})", err=True)
@@ -401,7 +295,7 @@ def export_triton_cmd(
     batching, labels.txt, VERSION/model.onnx); KServe's ONNX runtime serves the same folder."""
     from deploy.triton import export
 
-    done = export(model, out, _registry_root(params, override=registry_), name=name, max_batch_size=max_batch_size,
+    done = export(model, out, registry_root(params, override=registry_), name=name, max_batch_size=max_batch_size,
                   queue_delay_us=queue_delay_us, instances=instances, force=force)
     typer.echo(f"wrote {done.model_dir} (version {done.version}): tritonserver --model-repository {out}")
 
@@ -428,72 +322,7 @@ def list_models(
                "(source timm/checkpoint or torchvision). Offline: FINETUNE_OFFLINE=1.")
 
 
-# ---- Prefect: a local server and worker, the deployments of prefect.yaml --------------------
-
-prefect_app = typer.Typer(help="A local Prefect server (the dashboard) and process worker for this project, in the "
-                          "background, and the deployments of prefect.yaml (docs/orchestration.md).",
-                          no_args_is_help=True)
 app.add_typer(prefect_app, name="prefect")
-PortOpt = Annotated[Optional[int], typer.Option(help="Server port; default: the one last used here, else 4200.")]
-
-
-@prefect_app.command("up")
-@friendly
-def prefect_up(
-    port: PortOpt = None,
-    pool: Annotated[str, typer.Option(help="The process work pool the worker serves (prefect.yaml names it).")] = "finetune",
-    query_seconds: Annotated[float, typer.Option(help="How often the worker polls for runs.")] = 10.0,
-    workdir: WorkdirOpt = Path("."),
-) -> None:
-    """Start the server (loopback) and a process worker in the background.
-
-    What already runs is left alone. Logs, PIDs and the server's database are in .prefect-local/."""
-    from finetune import local_prefect as lp
-
-    local = lp.Local.of(workdir, port)
-    server, worker = lp.start_server(local), lp.start_worker(local, pool, query_seconds)
-    typer.echo(f"Prefect server (pid {server}) and worker (pid {worker}, pool '{pool}') are up; logs in {local.state}\n"
-               f"dashboard: {local.ui_url}\nfor prefect commands: export PREFECT_API_URL={local.api_url}")
-
-
-@prefect_app.command("deploy")
-@friendly
-def prefect_deploy(port: PortOpt = None, workdir: WorkdirOpt = Path(".")) -> None:
-    """Register the deployments of prefect.yaml on the local server, and the notifications.
-
-    The manual run (the dashboard form) and the scheduled retraining; notifications from
-    orchestration.webhook (off when null)."""
-    from finetune import local_prefect as lp
-
-    local = lp.Local.of(workdir, port)
-    if not lp.healthy(local):
-        raise lp.LocalPrefectError(f"no Prefect server answers at {local.api_url}: run `finetune prefect up` first")
-    typer.echo(lp.deploy(local).strip())
-    with lp.prefect_api(workdir):
-        from flows import notify
-
-        typer.echo(notify.configure(_params(workdir / "params.yaml").orchestration.webhook))
-
-
-@prefect_app.command("down")
-@friendly
-def prefect_down(workdir: WorkdirOpt = Path(".")) -> None:
-    """Stop the worker, then the server (SIGTERM, then SIGKILL after a grace period)."""
-    from finetune import local_prefect as lp
-
-    for line in lp.stop(lp.Local.of(workdir)):
-        typer.echo(line)
-
-
-@prefect_app.command("status")
-@friendly
-def prefect_status(workdir: WorkdirOpt = Path(".")) -> None:
-    """Whether the local server and worker run, and where."""
-    from finetune import local_prefect as lp
-
-    for key, value in lp.status(lp.Local.of(workdir)).items():
-        typer.echo(f"{key}: {value}")
-
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

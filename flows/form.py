@@ -33,7 +33,6 @@ from tasks.params import (
     Params,
     StageParams,
     TrainParams,
-    parse_value,
 )
 
 DEFAULTS = Params()
@@ -136,30 +135,23 @@ class RunParams(Section):
     orchestration: OrchestrationForm = _section("orchestration", OrchestrationForm)
 
 
-def _text(value: Any) -> str:
-    """A value as `--set` writes it: plain when it reads back as itself, else JSON (which YAML reads)."""
-    if isinstance(value, str) and parse_value(value) == value:
-        return value
-    return json.dumps(value)
+def to_patch(form: RunParams | None) -> dict:
+    """The fields set in the form as a nested patch of typed values (`tasks.params.apply_patch` merges it into
+    params.yaml): nothing is turned into `--set` text and parsed back, so a label such as `007` stays text."""
+    if form is None:
+        return {}
+    return _set_fields(form)
 
 
-def to_overrides(form: RunParams | None) -> list[str]:
-    """The fields set in the form as dotted `key=value` overrides, in form order."""
-    out: list[str] = []
-
-    def walk(prefix: str, node: BaseModel) -> None:
-        for name in type(node).model_fields:
-            value = getattr(node, name)
-            if value is None:
-                continue
-            if isinstance(value, BaseModel):
-                walk(f"{prefix}{name}.", value)
-            elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-                for i, item in enumerate(value):
-                    walk(f"{prefix}{name}.{i}.", item)
-            elif not isinstance(value, list):
-                out.append(f"{prefix}{name}={_text(value)}")
-
-    if form is not None:
-        walk("", form)
+def _set_fields(node: BaseModel) -> dict:
+    out: dict[str, Any] = {}
+    for name in type(node).model_fields:
+        value = getattr(node, name)
+        if isinstance(value, BaseModel):
+            if inner := _set_fields(value):
+                out[name] = inner
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out[name] = [_set_fields(item) for item in value]
+        elif value is not None and not isinstance(value, list):
+            out[name] = value
     return out

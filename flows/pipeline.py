@@ -39,10 +39,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts, project
-from flows.form import RunParams, to_overrides
+from flows.form import RunParams, to_patch
 from tasks import lineage
 from tasks.files import read_json
-from tasks.params import OrchestrationParams, Params, load_params
+from tasks.params import OrchestrationParams, Params, prepare_change
 from tasks.registry import read_metadata, resolve_root
 from tasks.stages import STAGES, Stage, path
 
@@ -200,16 +200,16 @@ def _runtime() -> dict:
 
 @contextmanager
 def holding_project(form: RunParams | None, overrides: list[str], workdir: str) -> Iterator[project.AppliedParams]:
-    """The start every flow shares: validate all overrides (nothing touched yet), take the project lock,
-    write the overrides into params.yaml (restored if the block fails)."""
+    """The start every flow shares: validate the form and overrides against params.yaml once (nothing touched
+    yet), take the project lock, write the change into params.yaml (restored if the block fails)."""
     logger = get_run_logger()
     root = Path(workdir).resolve()
-    wanted = to_overrides(form) + list(overrides or [])
-    wait_s = load_params(root / PARAMS_FILE, wanted).orchestration.lock_wait_s  # a bad value fails here
-    holder = {**_runtime(), "overrides": [project.redact(o) for o in wanted]}
-    with project.hold(root, wait_s, holder, logger.warning):
-        with project.params_applied(root / PARAMS_FILE, wanted, logger.info) as applied:
-            artifacts.run_params([project.redact(o) for o in wanted] if applied.changed else [], _sha256(applied.path))
+    change = prepare_change(root / PARAMS_FILE, list(overrides or []), to_patch(form))  # a bad value fails here
+    shown = project.describe_change(change)
+    holder = {**_runtime(), "overrides": shown}
+    with project.hold(root, change.params.orchestration.lock_wait_s, holder, logger.warning):
+        with project.params_applied(change, logger.info) as applied:
+            artifacts.run_params(shown if applied.changed else [], _sha256(applied.path))
             yield applied
 
 

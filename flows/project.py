@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 
 from tasks.files import atomic_write, write_json
-from tasks.params import Params, load_params, write_overrides
+from tasks.params import Params, ParamsChange, load_params, prepare_change
 
 LOCK = Path(".finetune") / "run.lock"
 HOLDER = Path(".finetune") / "run.json"
@@ -111,14 +111,35 @@ def hold(root: str | Path, wait_s: float, holder: dict, say: Callable[[str], Non
         lock.release()
 
 
-class AppliedParams:
-    """params.yaml with a run's overrides written in, and the bytes it had before (to put back)."""
+def describe_change(change: ParamsChange) -> list[str]:
+    """What a run sets, as `key=value` lines for people (logs, the holder record, artifacts), secrets hidden."""
+    lines: list[str] = []
 
-    def __init__(self, path: Path, overrides: list[str]):
-        self.path, self.overrides = Path(path), list(overrides)
-        self.before = self.path.read_bytes()
-        self.params: Params = write_overrides(self.path, self.overrides) if self.overrides else load_params(self.path)
-        self.after = self.path.read_bytes()
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+            for i, item in enumerate(node):
+                walk(f"{prefix}{i}.", item)
+        else:
+            lines.append(f"{prefix.rstrip('.')}={node if isinstance(node, str) else json.dumps(node)}")
+
+    walk("", change.patch or {})
+    return [redact(line) for line in [*lines, *change.overrides]]
+
+
+class AppliedParams:
+    """params.yaml with a run's validated change written in, and the text it had before (to put back)."""
+
+    def __init__(self, change: ParamsChange):
+        self.path, self.shown = change.path, describe_change(change)
+        if change.changed and change.path.read_text() != change.before:
+            # edited since the change was validated (another run ended meanwhile): apply it to today's file
+            change = prepare_change(change.path, list(change.overrides), change.patch)
+        change.write()
+        self.params: Params = change.params
+        self.before, self.after = change.before, change.after
 
     @property
     def changed(self) -> bool:
@@ -126,23 +147,23 @@ class AppliedParams:
 
     def restore(self) -> str:
         """Put the file back as it was before the run; returns what happened, for the failure message."""
-        shown = ", ".join(redact(o) for o in self.overrides)
+        shown = ", ".join(self.shown)
         if not self.changed:
             return ""
-        if self.path.read_bytes() != self.after:
+        if self.path.read_text() != self.after:
             return (f"{self.path.name} was edited during the run and is left as it is; this run's overrides may "
                     f"still be in it: {shown}")
-        atomic_write(self.path, self.before.decode("utf-8"))
+        atomic_write(self.path, self.before)
         return f"{self.path.name} restored: this run's overrides are no longer in it ({shown})"
 
 
 @contextmanager
-def params_applied(path: str | Path, overrides: list[str], say: Callable[[str], None]) -> Iterator[AppliedParams]:
-    """Write `overrides` into the params file for the block; if the block fails, restore the file and
+def params_applied(change: ParamsChange, say: Callable[[str], None]) -> Iterator[AppliedParams]:
+    """Write a validated change into the params file for the block; if the block fails, restore the file and
     add what was restored to the exception's message (the flow run's failure message)."""
-    applied = AppliedParams(Path(path), overrides)
+    applied = AppliedParams(change)
     if applied.changed:
-        say(f"{applied.path.name}: " + ", ".join(redact(o) for o in overrides))
+        say(f"{applied.path.name}: " + ", ".join(applied.shown))
     try:
         yield applied
     except BaseException as exc:

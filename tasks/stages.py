@@ -87,7 +87,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "tasks.ingest", "Materialise the data source as an image folder + split manifest.",
           {"images": "images", "manifest": "manifest", "classes": "classes"},
           writes=("images", "manifest", "classes"), retries=True),
-    Stage("validate", "tasks.validate", "Run the Great Expectations suite; write the validated manifest "
+    Stage("validate", "tasks.validate.stage", "Run the Great Expectations suite; write the validated manifest "
           "and reports.",
           {"manifest": "manifest", "images": "images", "classes": "classes", "out_manifest": "validated",
            "out_dir": "validation"},
@@ -112,7 +112,7 @@ STAGES: tuple[Stage, ...] = (
            "metrics": "metrics", "onnx_path": "model", "int8_dir": "model_int8", "model_card": "model_card",
            "report": "export_report"},
           writes=("model", "model_int8", "model_card", "export_report")),
-    Stage("promote", "tasks.promote", "Register the exported model and make it the champion.",
+    Stage("promote", "tasks.promote.stage", "Register the exported model and make it the champion.",
           {"onnx_path": "model", "int8_dir": "model_int8", "model_card": "model_card", "verdict": "verdict",
            "metrics": "metrics", "predictions": "predictions", "images": "images", "report": "promotion"},
           writes=("promotion",), retries=True,

@@ -120,9 +120,9 @@ def test_kserve_manifest_runs_our_container_with_options_routes_and_port_the_ser
 
 
 def route_paths() -> set[str]:
-    """The server's routes, read from the module (no model needed)."""
-    tree = ast.parse((DEPLOY / "server.py").read_text())
-    return {d.args[0].value for node in ast.walk(tree) if isinstance(node, ast.AsyncFunctionDef)
+    """The server's routes, read from its route modules (no model needed)."""
+    trees = [ast.parse(module.read_text()) for module in sorted((DEPLOY / "routes").glob("*.py"))]
+    return {d.args[0].value for tree in trees for node in ast.walk(tree) if isinstance(node, ast.AsyncFunctionDef)
             for d in node.decorator_list if isinstance(d, ast.Call) and d.args and isinstance(d.args[0], ast.Constant)}
 
 

@@ -15,9 +15,11 @@ from PIL import Image
 
 from tasks import ingest, validate
 from tasks.files import atomic_write, read_json, write_json
-from tasks.ingest import SourceError
 from tasks.manifest import ManifestError, read_manifest, read_table
-from tasks.params import ParamsError, ValidateParams, load_params
+from tasks.params import DataParams, ParamsError, ValidateParams, load_params
+from tasks.sources.common import SourceError
+from tasks.sources.manifest import manifest_table
+from tasks.sources.readers import read_source
 from tests.conftest import make_dataset
 
 ODD_LABELS = ["NA", "null", "nan", "007", "None", "N/A", "true"]
@@ -45,7 +47,7 @@ def test_odd_labels_stay_text_through_manifest_ingest_and_predictions(tmp_path):
         rows.append({"path": f"img/{i}.png", "label": label})
         write_png(src / f"img/{i}.png", 30 + 7 * i)
     pd.DataFrame(rows).to_csv(src / "manifest.csv", index=False)
-    table = ingest.manifest_table(src / "manifest.csv")
+    table = manifest_table(src / "manifest.csv")
     assert sorted(set(table["label"])) == sorted(ODD_LABELS)
     manifest = ingest_run(src, tmp_path / "out", source="manifest")
     back = read_manifest(tmp_path / "out" / "manifest.csv")
@@ -67,7 +69,7 @@ def test_an_empty_label_is_refused_by_line(tmp_path):
     write_png(src / "b.png", 200)
     (src / "manifest.csv").write_text("path,label\na.png,cat\nb.png,\n")
     with pytest.raises(SourceError, match=r"manifest.csv: empty label on line\(s\) 3"):
-        ingest.manifest_table(src / "manifest.csv")
+        manifest_table(src / "manifest.csv")
     (src / "p.csv").write_text("path,actual,predicted\na.png,  ,cat\n")
     with pytest.raises(ManifestError, match="empty actual on line"):
         from tasks.manifest import require_labels
@@ -119,7 +121,7 @@ def test_a_manifest_given_as_a_file_says_how_to_set_the_folder(tmp_path):
     write_png(src / "a.png")
     (src / "labels.csv").write_text("path,label\na.png,x\n")
     with pytest.raises(SourceError, match=r"data.path=.*src data.manifest=labels.csv"):
-        ingest.source_table("manifest", str(src / "labels.csv"), "binary", 0.5)
+        read_source(DataParams(source="manifest", path=str(src / "labels.csv")))
 
 
 # ---- empty classes, label conflicts (issue 12 #7) ---------------------------------------------------
@@ -191,13 +193,13 @@ def test_a_symlink_out_of_the_data_folder_is_refused_by_every_source(tmp_path, s
                 for p in sorted((tmp_path / "src").rglob("*.png"))]
         pd.DataFrame(rows).to_csv(tmp_path / "src" / "manifest.csv", index=False)
     with pytest.raises(SourceError, match=r"link.png' is outside the data folder .*it links to"):
-        ingest.source_table(source, str(tmp_path / "src"), "binary", 0.5)
+        read_source(DataParams(source=source, path=str(tmp_path / "src")))
     (tmp_path / "src" / "dark" / "link.png").unlink()
     if source == "manifest":
         pd.DataFrame([r for r in rows if not r["path"].endswith("link.png")]).to_csv(tmp_path / "src" / "manifest.csv",
                                                                                     index=False)
-    table, _ = ingest.source_table(source, str(tmp_path / "src"), "binary", 0.5)
-    assert "bright/alias.png" in set(table["path"])
+    table = read_source(DataParams(source=source, path=str(tmp_path / "src")))
+    assert "bright/alias.png" in set(table.rows["path"])
 
 
 # ---- secrets in URLs (issue 12 #9) ----------------------------------------------------------------

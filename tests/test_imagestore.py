@@ -15,14 +15,14 @@ import torch
 
 from tasks import backbones
 from tasks.files import sha256_file, write_json
-from tasks.imagestore import ImageStore, build, split_store
 from tasks.params import StageParams
-from tasks.rowfile import RowFile
 from tasks.tensors import split_arrays
 from tasks.train import state as saved_state
 from tasks.train.budget import plan
+from tasks.train.imagestore import ImageStore, build, split_store
 from tasks.train.loop import Data, Saving, Split
 from tasks.train.loop import fit as fit_
+from tasks.train.rowfile import RowFile
 from tasks.train.runtime import TrainingError
 from tests.conftest import make_dataset
 from tests.test_train import MEAN, STD, Interrupt, base, fresh, params, toy, two_stages  # noqa: F401
@@ -50,7 +50,7 @@ def test_the_store_holds_what_decoding_gives_and_is_built_once_per_data_version(
     images = make_dataset(tmp_path / "images", per_class=6, size=40)
     manifest, root = manifest_of(images), tmp_path / "cache"
     in_ram, _ = split_arrays(manifest, images, "train", ["bright", "dark"], 32)
-    with caplog.at_level(logging.INFO, logger="tasks.imagestore"):
+    with caplog.at_level(logging.INFO, logger="tasks.train.imagestore"):
         store = split_store(manifest, images, "train", 32, workers=2, root=root)
         again = split_store(manifest, images, "train", 32, workers=2, root=root)
     assert store.shape == tuple(in_ram.shape) and torch.equal(store[torch.arange(len(store))], in_ram)
@@ -224,7 +224,7 @@ def test_a_build_killed_before_its_rename_leaves_no_store_and_the_next_one_sweep
 
     images = make_dataset(tmp_path / "images", per_class=4, size=40)
     manifest_of(images).to_csv(tmp_path / "manifest.csv", index=False)
-    code = ("import sys, pandas as pd; from pathlib import Path; from tasks.imagestore import split_store; "
+    code = ("import sys, pandas as pd; from pathlib import Path; from tasks.train.imagestore import split_store; "
             "print(split_store(pd.read_csv(sys.argv[1]), Path(sys.argv[2]), 'train', 32, root=Path(sys.argv[3])).folder)")
     args = [sys.executable, "-c", code, str(tmp_path / "manifest.csv"), str(images), str(tmp_path / "cache")]
     killed = subprocess.run(args, env=env(FINETUNE_CRASH_AT="imagestore:filled"), capture_output=True, text=True)

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from flows import project
-from flows.form import RunParams, to_overrides
+from flows.form import RunParams, to_patch
 from tasks import lineage
-from tasks.params import Params, load_params, render_defaults, write_overrides
+from tasks.params import Params, load_params, prepare_change, render_defaults, write_overrides
 from tests.conftest import REPO
 
 # ---- the run form ---------------------------------------------------------------------------------
@@ -49,18 +49,29 @@ def test_the_form_takes_types_choices_bounds_and_descriptions_from_the_params_mo
     assert schema["properties"]["overrides"]["description"].startswith("any other params key")
 
 
-def test_an_empty_form_changes_nothing_and_set_fields_become_overrides_in_form_order():
-    assert to_overrides(RunParams()) == []
+def test_an_empty_form_changes_nothing_and_set_fields_become_a_typed_patch(tmp_path):
+    """The form's values reach params.yaml as typed values (no `--set` text parsed back): `007` stays text, the
+    second stage's lr changes and its other fields stay as the file says; an empty form leaves the file byte for
+    byte."""
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    assert to_patch(RunParams()) == {}
+    assert not prepare_change(f, [], to_patch(RunParams())).changed
     form = RunParams.model_validate({
         "data": {"source": "folder", "path": "007"},
         "train": {"stages": [{"epochs": 1}, {"lr": 0.01}], "batch_size": 8},
         "gates": {"min": {"accuracy": 0.5}, "champion": {"require_significant": True}},
     })
-    overrides = to_overrides(form)
-    assert overrides == ["data.source=folder", 'data.path="007"', "train.batch_size=8", "train.stages.0.epochs=1",
-                         "train.stages.1.lr=0.01", "gates.min.accuracy=0.5", "gates.champion.require_significant=true"]
-    p = load_params(REPO / "params.yaml", overrides)
+    patch = to_patch(form)
+    assert patch == {"data": {"source": "folder", "path": "007"}, "train": {"batch_size": 8, "stages": [
+        {"epochs": 1}, {"lr": 0.01}]}, "gates": {"min": {"accuracy": 0.5}, "champion": {"require_significant": True}}}
+    change = prepare_change(f, [], patch)
+    change.write()
+    p = load_params(f)
     assert p.data.path == "007" and p.train.stages[1].lr == 0.01 and p.train.stages[0].lr == 0.003  # the rest kept
+    assert p.train.stages[0].epochs == 1 and p.gates.champion.require_significant is True
+    assert "# Every knob of the pipeline" in f.read_text()  # comments kept
+    assert project.describe_change(change)[:2] == ["data.source=folder", "data.path=007"]
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -177,8 +188,8 @@ def params_file(tmp_path) -> Path:
 def test_a_failed_block_restores_params_and_says_which_overrides_left(params_file):
     before = params_file.read_bytes()
     with pytest.raises(RuntimeError) as err:
-        with project.params_applied(params_file, ["train.batch_size=7", "orchestration.webhook=https://u:p@h/x"],
-                                    print) as applied:
+        change = prepare_change(params_file, ["train.batch_size=7", "orchestration.webhook=https://u:p@h/x"])
+        with project.params_applied(change, print) as applied:
             assert load_params(params_file).train.batch_size == 7 and applied.params.train.batch_size == 7
             raise RuntimeError("stage 'gate' failed: gate failed")
     assert params_file.read_bytes() == before
@@ -188,14 +199,14 @@ def test_a_failed_block_restores_params_and_says_which_overrides_left(params_fil
 
 
 def test_a_successful_block_keeps_the_overrides(params_file):
-    with project.params_applied(params_file, ["train.batch_size=7"], print):
+    with project.params_applied(prepare_change(params_file, ["train.batch_size=7"]), print):
         pass
     assert load_params(params_file).train.batch_size == 7
 
 
 def test_a_file_edited_during_the_run_is_left_alone_and_the_message_says_so(params_file):
     with pytest.raises(RuntimeError, match="edited during the run and is left as it is.*train.batch_size=7"):
-        with project.params_applied(params_file, ["train.batch_size=7"], print):
+        with project.params_applied(prepare_change(params_file, ["train.batch_size=7"]), print):
             write_overrides(params_file, ["train.batch_size=9"])
             raise RuntimeError("boom")
     assert load_params(params_file).train.batch_size == 9

@@ -15,7 +15,7 @@ from tasks import registry
 from tasks.files import sha256_file
 from tasks.images import load_for_model
 from tasks.promote import PromotionRefused, run
-from tasks.serving_check import ServingCheckFailed, pick_warmup
+from tasks.promote.serving_check import ServingCheckFailed, pick_warmup
 from tests.conftest import REPO, brightness_onnx, make_dataset
 
 CLASSES = ["bright", "dark"]

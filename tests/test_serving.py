@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from tasks import registry
 from tasks.preprocess import Preprocessing
-from tasks.serving_check import ServerProcess
+from tasks.promote.serving_check import ServerProcess
 from tests.conftest import REPO, brightness_onnx, make_dataset
 
 CLASSES = ["bright", "dark"]

@@ -87,8 +87,8 @@ def test_no_module_shadows_the_standard_library():
     assert not shadows, shadows
 
 
-@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry", "tasks.serving_check",
-                                    "deploy.server", "deploy.predict", "deploy.triton"])
+@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry",
+                                    "tasks.promote.serving_check", "deploy.server", "deploy.predict", "deploy.triton"])
 def test_consumer_modules_import_neither_torch_nor_prefect(module):
     """What serving needs loads in a fresh interpreter without torch or prefect (a small serving image)."""
     code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'prefect', 'torchvision', 'timm') "
@@ -174,3 +174,32 @@ def test_modules_and_functions_stay_small():
                 long_functions.append((module, node.name, node.end_lineno - node.lineno + 1))
     assert not long_modules, long_modules
     assert not long_functions, long_functions
+
+
+def test_params_name_exactly_the_registered_sources():
+    """`data.source` and `model.source` accept exactly the sources their registries hold. The data source's values
+    are built from its registry (a light module every stage may load); the backbone registry imports torch, which the
+    params cannot, so this test holds the two lists together."""
+    from typing import get_args
+
+    import tasks.backbones
+    import tasks.sources
+    from tasks.params import DataParams, ModelParams
+    from tasks.params import schema
+    from tasks.sources.readers import READERS
+
+    assert schema.SOURCES is tasks.sources.SOURCES  # built from the registry, not a copy of its names
+    assert get_args(DataParams.model_fields["source"].annotation) == tuple(tasks.sources.SOURCES)
+    assert set(READERS) == set(tasks.sources.SOURCES)
+    assert set(get_args(ModelParams.model_fields["source"].annotation)) == set(tasks.backbones.SOURCES)
+
+
+def test_the_source_registry_loads_no_reader():
+    """Every stage loads the params and so the source registry: it must not pull in the readers (or pandas/PIL),
+    else editing a reader would rerun training."""
+    from tests.importgraph import closure
+
+    assert not {m for m in closure("tasks.params") if m.startswith("tasks.sources.")}
+    code = "import sys, tasks.params; print(','.join(m for m in ('pandas', 'PIL') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stderr or out.stdout

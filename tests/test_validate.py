@@ -207,7 +207,8 @@ def test_empty_class_folder_fails_no_empty_class(data, tmp_path):
 
 
 def _probed_manifest(root: Path) -> pd.DataFrame:
-    from tasks.ingest import build_manifest, folder_table
+    from tasks.ingest import build_manifest
+    from tasks.sources.folder import folder_table
 
     return build_manifest(folder_table(root), 0.25, 0.10, [], seed=0, workers=2).drop(columns=["source"])
 
@@ -337,11 +338,11 @@ def test_an_elpv_sized_manifest_names_exactly_the_leaked_pair():
 
 
 def test_an_expectation_gx_cannot_evaluate_fails_its_check_without_raising(data, monkeypatch):
-    import tasks.validate as validate
+    import tasks.validate.stage as stage
 
     manifest = _probed_manifest(data)
-    real = validate._images_table
-    monkeypatch.setattr(validate, "_images_table", lambda df: real(df).drop(columns=["mode"]))
+    real = stage.images_table
+    monkeypatch.setattr(stage, "images_table", lambda df: real(df).drop(columns=["mode"]))
 
     outcome = validate_manifest(manifest, ValidateParams(), None, None)
 
@@ -378,3 +379,19 @@ def test_split_fractions_are_checked_only_where_ingest_drew_the_splits(tmp_path)
     results = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert not results["success"]
     assert next(e for e in results["expectations"] if e["name"] == "split_fractions")["success"] is False
+
+
+def test_validate_path_splits_as_the_params_say(data, tmp_path):
+    """`finetune validate PATH` draws the splits with params' data.split fractions and seed, not fixed ones."""
+    from tasks.params import SplitParams
+
+    def splits(out, **kwargs):
+        validate_path(data, ValidateParams(min_images_per_class=1), out, **kwargs)
+        return pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("path")["split"]
+
+    default = splits(tmp_path / "default")
+    assert default.value_counts().to_dict() == {"train": 39, "test": 15, "val": 6}  # 0.25/0.10 of 20 per class
+    halves = splits(tmp_path / "halves", split=SplitParams(test=0.5, val=0.2))
+    assert halves.value_counts().to_dict() == {"test": 30, "val": 12, "train": 18}
+    reseeded = splits(tmp_path / "reseeded", seed=7)
+    assert reseeded.value_counts().to_dict() == default.value_counts().to_dict() and (reseeded != default).any()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.checkpoint import load_checkpoint
+from tasks.checkpoint import Checkpoint, load_checkpoint
 from tasks.entry import stage_main
 from tasks.export.card import data_summary, render
 from tasks.export.int8 import INT8_FILE, ExportError, int8_candidate
@@ -82,6 +82,48 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
     onnx_path = Path(onnx_path)
     int8_dir = Path(int8_dir) if int8_dir is not None else onnx_path.parent / "int8"
     model_card_path = Path(model_card_path) if model_card_path is not None else onnx_path.parent / "model_card.md"
+    verdict, checkpoint_sha256 = passed_verdict(verdict_path, checkpoint_path)
+    model, ckpt = load_checkpoint(checkpoint_path)
+    classes, pre = ckpt.classes, ckpt.preprocessing
+    module = Deployable(with_tta(model, tta), pre).eval()  # test-time augmentation lives in the graph
+    metrics = read_json(metrics_path)
+    metadata = export_metadata(ckpt, tta, manifest_path, checkpoint_sha256, verdict, metrics)
+    manifest = read_manifest(manifest_path)
+    test = manifest[manifest["split"] == "test"]
+    # decoded batch by batch when a pass reaches them (parity here, INT8 scoring later): never the whole split
+    images = DecodedOnDemand([Path(images_dir) / p for p in test["path"]], pre.size, workers, max_pixels)
+    labels = split_labels(manifest, "test", classes)
+    int8_tmp: Path | None = None
+    int8_report: dict = {"enabled": int8, "status": "disabled"}
+    try:
+        with atomic_path(onnx_path) as tmp:
+            check, ort_logits = export_with_parity(module, pre.size, tmp, opset, metadata, images, labels, classes,
+                                                   max_abs_diff, min_top1_agreement, report_path)
+            if int8:
+                int8_tmp, int8_report = int8_candidate(
+                    tmp, int8_dir, metadata, manifest, images_dir, classes, pre.size, workers, images, labels,
+                    ort_logits, check["onnx_accuracy"], int8_max_accuracy_drop, int8_calibration_images, max_pixels)
+        # the fp32 model is in place; now the INT8 directory holds this model's INT8 file or nothing
+        place_int8(int8_tmp, int8_dir, int8_report)
+        int8_tmp = None
+    finally:
+        if int8_tmp is not None and int8_tmp.exists():
+            int8_tmp.unlink()
+    check.update({"onnx_path": str(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": sha256_file(onnx_path),
+                  "opset": opset, "int8": int8_report, "model_card": str(model_card_path),
+                  "seconds": round(time.time() - t0, 2)})
+    atomic_write(model_card_path, render(metadata, ckpt, metrics, verdict, check, int8_report,
+                                         data_summary(manifest), data_description))
+    write_json(report_path, check)
+    log.info("export: %s verified on %d test images (max |diff| %.2e, top-1 agreement %.4f, ONNX accuracy %.4f); "
+             "INT8 %s", onnx_path, check["n"], check["max_abs_logit_diff"], check["top1_agreement"],
+             check["onnx_accuracy"], int8_report["status"])
+    return check
+
+
+def passed_verdict(verdict_path: Path, checkpoint_path: Path) -> tuple[dict, str]:
+    """The gate's verdict and the checkpoint's sha256, when the verdict passed this very checkpoint; else
+    `ExportError` (nothing is exported)."""
     verdict = read_json(verdict_path)
     if not verdict.get("passed"):
         raise ExportError(f"{verdict_path}: the gate did not pass ({verdict.get('reason')}); nothing is exported")
@@ -90,12 +132,15 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
     if judged != checkpoint_sha256:
         raise ExportError(f"{verdict_path} judged checkpoint {str(judged)[:12]}..., but {checkpoint_path} is "
                           f"{checkpoint_sha256[:12]}...: a stale verdict; run the gate again (dvc repro)")
-    model, ckpt = load_checkpoint(checkpoint_path)
-    classes, pre = ckpt.classes, ckpt.preprocessing
-    module = Deployable(with_tta(model, tta), pre).eval()  # test-time augmentation lives in the graph
-    metrics = read_json(metrics_path)
-    metadata = {
-        "classes": json.dumps(classes),
+    return verdict, checkpoint_sha256
+
+
+def export_metadata(ckpt: Checkpoint, tta: str, manifest_path: Path, checkpoint_sha256: str, verdict: dict,
+                  metrics: dict) -> dict[str, str]:
+    """What the ONNX file says about itself: classes, preprocessing and input contract, and the lineage."""
+    pre = ckpt.preprocessing
+    return {
+        "classes": json.dumps(ckpt.classes),
         "preprocessing": pre.to_json(),
         "input_contract": pre.describe(),
         "tta": tta,
@@ -110,57 +155,42 @@ def run(checkpoint_path: Path, manifest_path: Path, images_dir: Path, verdict_pa
         "metrics": json.dumps({k: metrics[k] for k in ("accuracy", "macro_recall", "macro_f1", "n")}),
         "gate_verdict": json.dumps({"passed": verdict["passed"], "reason": verdict["reason"]}),
     }
-    manifest = read_manifest(manifest_path)
-    test = manifest[manifest["split"] == "test"]
-    # decoded batch by batch when a pass reaches them (parity here, INT8 scoring later): never the whole split
-    images = DecodedOnDemand([Path(images_dir) / p for p in test["path"]], pre.size, workers, max_pixels)
-    labels = split_labels(manifest, "test", classes)
-    int8_tmp: Path | None = None
-    int8_report: dict = {"enabled": int8, "status": "disabled"}
-    try:
-        with atomic_path(onnx_path) as tmp:
-            export_onnx(module, pre.size, tmp, opset)
-            add_metadata(tmp, metadata)
-            reference, ort_logits = parity_logits(module, tmp, images, len(classes))
-            check = parity(reference, ort_logits)
-            onnx_metrics = classification_metrics(labels.numpy(), ort_logits.argmax(1), classes)
-            check.update({"onnx_accuracy": onnx_metrics["accuracy"], "onnx_macro_recall": onnx_metrics["macro_recall"],
-                          "onnx_macro_f1": onnx_metrics["macro_f1"], "max_abs_diff_bound": max_abs_diff,
-                          "min_top1_agreement": min_top1_agreement})
-            check["passed"] = check["max_abs_logit_diff"] <= max_abs_diff and check["top1_agreement"] >= min_top1_agreement
-            if not check["passed"]:
-                write_json(report_path, check)
-                raise ExportError(
-                    f"ONNX parity failed on {check['n']} test images: max |logit diff| {check['max_abs_logit_diff']:.2e} "
-                    f"(bound {max_abs_diff:.0e}), top-1 agreement {check['top1_agreement']:.4f} (bound {min_top1_agreement})"
-                )
-            if int8:
-                int8_tmp, int8_report = int8_candidate(
-                    tmp, int8_dir, metadata, manifest, images_dir, classes, pre.size, workers, images, labels,
-                    ort_logits, onnx_metrics["accuracy"], int8_max_accuracy_drop, int8_calibration_images, max_pixels)
-        # the fp32 model is in place; now the INT8 directory holds this model's INT8 file or nothing
-        int8_path = int8_dir / INT8_FILE
-        int8_dir.mkdir(parents=True, exist_ok=True)
-        if int8_tmp is not None:
-            os.replace(int8_tmp, int8_path)
-            int8_tmp = None
-            int8_report.update({"path": str(int8_path), "bytes": int8_path.stat().st_size,
-                                "sha256": sha256_file(int8_path)})
-        elif int8_path.exists():
-            int8_path.unlink()  # an INT8 file of a previous model must not ship beside this one
-    finally:
-        if int8_tmp is not None and int8_tmp.exists():
-            int8_tmp.unlink()
-    check.update({"onnx_path": str(onnx_path), "bytes": onnx_path.stat().st_size, "sha256": sha256_file(onnx_path),
-                  "opset": opset, "int8": int8_report, "model_card": str(model_card_path),
-                  "seconds": round(time.time() - t0, 2)})
-    atomic_write(model_card_path, render(metadata, ckpt, metrics, verdict, check, int8_report,
-                                         data_summary(manifest), data_description))
-    write_json(report_path, check)
-    log.info("export: %s verified on %d test images (max |diff| %.2e, top-1 agreement %.4f, ONNX accuracy %.4f); "
-             "INT8 %s", onnx_path, check["n"], check["max_abs_logit_diff"], check["top1_agreement"],
-             check["onnx_accuracy"], int8_report["status"])
-    return check
+
+
+def export_with_parity(module: nn.Module, size: int, tmp: Path, opset: int, metadata: dict[str, str],
+                       images: Images, labels: torch.Tensor, classes: list[str], max_abs_diff: float,
+                       min_top1_agreement: float, report_path: Path) -> tuple[dict, np.ndarray]:
+    """Export `module` to `tmp` with its metadata and compare ONNX Runtime with PyTorch on the test images:
+    (the parity check, ONNX Runtime's logits); `ExportError` (report written) when outside the tolerances."""
+    export_onnx(module, size, tmp, opset)
+    add_metadata(tmp, metadata)
+    reference, ort_logits = parity_logits(module, tmp, images, len(classes))
+    check = parity(reference, ort_logits)
+    onnx_metrics = classification_metrics(labels.numpy(), ort_logits.argmax(1), classes)
+    check.update({"onnx_accuracy": onnx_metrics["accuracy"], "onnx_macro_recall": onnx_metrics["macro_recall"],
+                  "onnx_macro_f1": onnx_metrics["macro_f1"], "max_abs_diff_bound": max_abs_diff,
+                  "min_top1_agreement": min_top1_agreement})
+    check["passed"] = check["max_abs_logit_diff"] <= max_abs_diff and check["top1_agreement"] >= min_top1_agreement
+    if not check["passed"]:
+        write_json(report_path, check)
+        raise ExportError(
+            f"ONNX parity failed on {check['n']} test images: max |logit diff| {check['max_abs_logit_diff']:.2e} "
+            f"(bound {max_abs_diff:.0e}), top-1 agreement {check['top1_agreement']:.4f} (bound {min_top1_agreement})"
+        )
+    return check, ort_logits
+
+
+def place_int8(int8_tmp: Path | None, int8_dir: Path, int8_report: dict) -> None:
+    """Put the kept INT8 model (`int8_tmp`) in `int8_dir`, its path, size and sha256 into `int8_report`; without
+    one, remove a previous model's INT8 file: it must not ship beside this model."""
+    int8_path = int8_dir / INT8_FILE
+    int8_dir.mkdir(parents=True, exist_ok=True)
+    if int8_tmp is not None:
+        os.replace(int8_tmp, int8_path)
+        int8_report.update({"path": str(int8_path), "bytes": int8_path.stat().st_size,
+                            "sha256": sha256_file(int8_path)})
+    elif int8_path.exists():
+        int8_path.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,10 +3,13 @@
 written from the schema). Import from here: `from tasks.params import Params, load_params`."""
 
 from tasks.params.load import (
+    ParamsChange,
     ParamsError,
     apply_overrides,
+    apply_patch,
     load_params,
     parse_value,
+    prepare_change,
     read_raw,
     validate_params,
     write_overrides,
@@ -37,8 +40,8 @@ from tasks.params.schema import (
 
 __all__ = [
     "DIHEDRAL_AUGMENT", "NATURAL_AUGMENT", "PLACEMENT_KEYS", "ChampionGate", "DataParams", "ExportParams", "GateParams",
-    "MaxBounds", "MinBounds", "ModelParams", "OrchestrationParams", "Params", "ParamsError", "RegistryParams",
-    "SplitParams", "StageParams", "TrainParams", "ValidateParams", "apply_overrides", "augmentations", "load_params",
-    "orientation_invariant", "parse_value", "read_raw", "render_defaults", "stratify_columns", "validate_params",
+    "MaxBounds", "MinBounds", "ModelParams", "OrchestrationParams", "Params", "ParamsChange", "ParamsError", "RegistryParams",
+    "SplitParams", "StageParams", "TrainParams", "ValidateParams", "apply_overrides", "apply_patch", "augmentations", "load_params",
+    "orientation_invariant", "parse_value", "prepare_change", "read_raw", "render_defaults", "stratify_columns", "validate_params",
     "write_overrides",
 ]

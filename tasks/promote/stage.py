@@ -7,7 +7,7 @@ since the gate compared against it (unless it is the same checkpoint, exported a
 whose checkpoint a person rolled back (it stays rolled back until someone promotes it by hand).
 Registering is idempotent (the same ONNX file, by sha256, is never a second version).
 
-Before anything is registered, the infra check (`tasks.serving_check`) serves the candidate with the
+Before anything is registered, the infra check (`tasks.promote.serving_check`) serves the candidate with the
 real server in a subprocess and requires the evaluation's labels for real test images: a candidate
 that cannot be served is refused, nothing is registered and the champion stays.
 """
@@ -19,13 +19,14 @@ import logging
 from argparse import Namespace
 from pathlib import Path
 
-from tasks import registry, serving_check
+import tasks.promote.serving_check as serving_check
+from tasks import registry
 from tasks.entry import Option, stage_main
 from tasks.files import read_json, sha256_file, write_json
 from tasks.inference import read_metadata
 from tasks.params import Params
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tasks.promote")
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "roc_auc", "pr_auc", "ece", "n")
 INT8_FILE = registry.INT8_FILE
 
@@ -165,6 +166,3 @@ def _from_params(p: Params, args: Namespace) -> None:
         registry.resolve_root(args.params, p.registry.root), args.report, images_dir=args.images,
         infra_images=args.infra_images, infra_timeout_s=args.infra_timeout)
 
-
-if __name__ == "__main__":
-    main()

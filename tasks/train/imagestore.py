@@ -6,7 +6,7 @@ image's path and content hash in manifest order, the size, and the decoder's sou
 so a changed image, size or decode path gets a new store and an unchanged split is never decoded again.
 It is filled in chunks (bounded memory, decode threads) inside a temp folder that is renamed into place
 when complete: a reader sees a whole store or none, and a killed build leaves only a temp that the next
-writer sweeps. Training reads random batches from it (`tasks.rowfile`): the same uint8 values the
+writer sweeps. Training reads random batches from it (`tasks.train.rowfile`): the same uint8 values the
 in-memory tensor holds, so training on either gives the same weights.
 
 Where: `$FINETUNE_CACHE_DIR` if set, else `.dvc/tmp/finetune/cache` in the DVC project (ignored by git
@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from tasks import images as decoder
 from tasks.crashpoints import crash_point
-from tasks.files import fsync_dir, new_temp, read_json
+from tasks.files import atomic_dir, read_json
 from tasks.images import DEFAULT_MAX_PIXELS, load_for_model
-from tasks.rowfile import RowFile, scratch_rows
+from tasks.train.rowfile import RowFile, scratch_rows
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -101,30 +101,20 @@ def fingerprint(paths: list[Path], hashes: list[str] | None, size: int) -> str:
 def build(folder: Path, n: int, size: int, fill: Callable[[int, int], np.ndarray], key: str,
           desc: str | None = None) -> ImageStore:
     """Write a store to `folder` chunk by chunk (`fill(start, stop)` -> uint8 (stop - start, 3, size, size)),
-    atomically: into a temp folder, renamed into place when whole. A store another process finished first wins."""
-    tmp = new_temp(folder, directory=True)
-    try:
+    atomically: into a temp folder, swapped into place when whole. A store another process finished first wins."""
+    with atomic_dir(folder, first_wins=True) as tmp:
         rows = RowFile(tmp / "images.u8", n, (3, size, size), np.uint8, create=True)
         for start in tqdm(range(0, n, CHUNK), desc=desc, unit="chunk", leave=False, disable=None if desc else True):
             stop = min(start + CHUNK, n)
             rows.write(np.arange(start, stop), fill(start, stop))
         rows.sync()
         rows.close()
-        crash_point("imagestore:filled")  # tests: killed with the data written, before the rename
+        crash_point("imagestore:filled")  # tests: killed with the data written, before the swap
         header = {"version": VERSION, "fingerprint": key, "shape": [n, 3, size, size], "dtype": "uint8"}
         with open(tmp / "header.json", "w") as f:
             f.write(json.dumps(header, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "header.json").exists():
-                raise
-        fsync_dir(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return ImageStore.open(folder)
 
 

@@ -1,0 +1,3 @@
+from tasks.validate.stage import main
+
+main()
