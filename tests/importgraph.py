@@ -53,13 +53,29 @@ def imports_of(name: str) -> frozenset[str]:
     return frozenset(found - {name})
 
 
+@lru_cache(maxsize=None)
+def runs_of(name: str) -> frozenset[str]:
+    """Project modules that module `name` starts as a process (`[sys.executable, "-m", "<module>", ...]`): code it
+    runs without importing it, so a DVC stage depends on it all the same."""
+    path = module_file(name)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.List):
+            words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            for flag, target in zip(words, words[1:]):
+                if flag == "-m" and isinstance(target, str) and target.split(".")[0] in PACKAGES and module_file(target):
+                    found.add(target)
+    return frozenset(found)
+
+
 def parents(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def closure(name: str) -> set[str]:
-    """Every project module that running `name` can execute (its imports, theirs, and package __init__s)."""
+def closure(name: str, processes: bool = False) -> set[str]:
+    """Every project module that running `name` can execute (its imports, theirs, and package __init__s; with
+    `processes`, also the modules it starts as processes, and theirs)."""
     seen: set[str] = set()
     todo = [name]
     while todo:
@@ -67,7 +83,7 @@ def closure(name: str) -> set[str]:
         if m in seen:
             continue
         seen.add(m)
-        todo += [*imports_of(m), *parents(m)]
+        todo += [*imports_of(m), *parents(m), *(runs_of(m) if processes else ())]
     return seen
 
 
@@ -113,14 +129,11 @@ def stage_modules() -> dict[str, str]:
     return out
 
 
-def extra_code(stage: str) -> list[str]:
-    """Code a stage runs besides the modules it imports: files it reads (the model card template), and the serving
-    code the promote stage's infra check starts as a subprocess (`python -m deploy.server`), not by import."""
-    if stage == "export":
-        return ["tasks/export/model_card.md.j2"]
-    if stage == "promote":
-        return sorted(files(closure("deploy.server")))
-    return []
+def stage_code(module: str) -> set[str]:
+    """The files a DVC stage running `module` depends on: what it imports, what it starts as a process (the promote
+    stage's infra check runs `python -m deploy.server`), and the files it reads as code (the model card template)."""
+    code = files(closure(module, processes=True))
+    return code | ({"tasks/export/model_card.md.j2"} if "tasks/export/card.py" in code else set())
 
 
 def rewrite_dvc_yaml() -> None:
@@ -137,7 +150,7 @@ def rewrite_dvc_yaml() -> None:
         if stage and line.strip().startswith("# code: exactly"):
             while i < len(lines) and re.match(r"^      - (tasks|flows|deploy|finetune)/", lines[i]):
                 i += 1
-            out += [f"      - {f}" for f in sorted(set(files(closure(modules[stage]))) | set(extra_code(stage)))]
+            out += [f"      - {f}" for f in sorted(stage_code(modules[stage]))]
     (REPO / "dvc.yaml").write_text("\n".join(out) + "\n")
 
 
@@ -146,6 +159,6 @@ if __name__ == "__main__":
         rewrite_dvc_yaml()
     for stage, module in stage_modules().items():
         print(f"{stage}:")
-        for f in sorted(set(files(closure(module))) | set(extra_code(stage))):
+        for f in sorted(stage_code(module)):
             print(f"  - {f}")
     sys.exit(0)

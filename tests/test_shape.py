@@ -13,12 +13,13 @@ from tasks import stages
 from tests.importgraph import (
     REPO,
     closure,
-    extra_code,
     files,
     find_cycle,
     imports_of,
     module_file,
     project_modules,
+    runs_of,
+    stage_code,
     stage_modules,
 )
 
@@ -37,8 +38,7 @@ def dvc_code_deps(stage: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", list(stage_modules()))
 def test_each_dvc_stage_lists_exactly_the_code_it_runs(stage):
-    module = stage_modules()[stage]
-    expected = files(closure(module)) | set(extra_code(stage))
+    expected = stage_code(stage_modules()[stage])
     listed = dvc_code_deps(stage)
     assert listed == expected, (f"dvc.yaml stage '{stage}': missing {sorted(expected - listed)}, "
                                 f"not run {sorted(listed - expected)} (`python -m tests.importgraph --write` fixes dvc.yaml)")
@@ -67,6 +67,18 @@ def test_layers_import_downward_only():
             assert not any(stage_of(t) for t in targets), f"{module} imports a stage module: {targets}"
         if top == "deploy":
             assert all(t in allowed_in_deploy or t.split(".")[0] == "deploy" for t in targets), (module, targets)
+
+
+def test_the_one_upward_edge_is_a_process_and_the_graph_sees_it():
+    """The CLI imports deploy (serve, predict, export-triton); tasks never import it, but the promote stage's infra
+    check starts `python -m deploy.server` as a process. The graph records that edge, so dvc.yaml's promote stage
+    depends on the server's code (and no other stage does)."""
+    started = {m: runs_of(m) for m in project_modules() if runs_of(m)}
+    assert started == {"tasks.promote.serving_check": frozenset({"deploy.server"})}, started
+    assert any(t.startswith("deploy") for t in imports_of("finetune.cli"))
+    deploy_code = {f for f in stage_code("tasks.promote.__main__") if f.startswith("deploy/")}
+    assert "deploy/server.py" in deploy_code and deploy_code <= dvc_code_deps("promote")
+    assert not any(d.startswith("deploy/") for s in stages.NAMES if s != "promote" for d in dvc_code_deps(s))
 
 
 def test_no_import_cycles():

@@ -42,6 +42,7 @@ from tasks.inference import OnnxClassifier
 from tasks.manifest import read_manifest
 from tasks.metrics import classification_metrics
 from tasks.params import Params
+from tasks.sources import SOURCES
 from tasks.tensors import DecodedOnDemand, Images, batches, split_labels
 from tasks.tta import with_tta
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _from_params(p: Params, args: Namespace) -> None:
     e, d = p.export, p.data
-    source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if d.source == "elpv" else "")
+    source = f"{d.source}" + (f" ({d.path})" if d.path else "") + (f", task {d.task}" if SOURCES[d.source].probabilities else "")
     run(args.checkpoint, args.manifest, args.images, args.verdict, args.metrics, args.onnx_path,
         args.report, e.opset, e.max_abs_diff, e.min_top1_agreement, workers=d.workers, int8=e.int8,
         int8_max_accuracy_drop=e.int8_max_accuracy_drop, int8_calibration_images=e.int8_calibration_images,
