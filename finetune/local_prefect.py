@@ -204,14 +204,21 @@ def stop(local: Local, grace_s: float = 30) -> list[str]:
 
 
 def deploy(local: Local) -> str:
-    """Register the deployments of the project's prefect.yaml on the local server (`prefect deploy --all`)."""
+    """Register the deployments of the project's prefect.yaml on the local server (`prefect deploy --all`), and
+    fill their run forms with params.yaml's values (`flows.form.sync_forms`)."""
     if not (local.root / "prefect.yaml").exists():
         raise LocalPrefectError(f"{local.root / 'prefect.yaml'} not found")
     proc = subprocess.run(_prefect("--no-prompt", "deploy", "--all"), cwd=local.root, env=local.env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise LocalPrefectError(f"prefect deploy failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc.stdout
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.form import sync_forms
+
+    with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
+        filled = sync_forms(local.root)
+    return proc.stdout + f"\nrun forms filled with params.yaml's values: {', '.join(filled) or 'none'}\n"
 
 
 def status(local: Local) -> dict:

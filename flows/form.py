@@ -1,157 +1,217 @@
-"""The run form: the typed subset of params a dashboard run (or an API call) may set.
+"""The dashboard's run forms: every knob of `tasks.params`, filled in with the project's params.yaml values.
 
-Prefect renders a flow's pydantic parameters as the run form in its UI, and the server checks
-submitted values against their JSON schema before a run is created (409 with the field named). So
-every knob here is built from its field in `tasks.params`: the same type, `Literal` choices, bounds
-and description, with the typed default quoted in the description. Nothing is restated here.
+Prefect renders a flow's pydantic parameters as the run form and checks submitted values against their JSON
+schema on the server (409 with the field named). The forms here are built from the params schema itself, field by
+field: the same types, `Literal` choices (dropdowns), bounds (min/max) and descriptions, with the schema's
+cross-field rules left to the one validation the run does (params.yaml with the change applied). Nothing is
+restated: a new knob in `tasks/params/schema.py` appears in the form.
 
-Every knob defaults to None, meaning "as the project's params.yaml says". A field that is set
-becomes one dotted override (`data.source=folder`), and overrides take the one path `--set` takes:
-validated together with the file, written into params.yaml, then the stages run through DVC, so
-what DVC records is what the run used. Prefilled defaults would instead silently reset the
-project's own params.yaml values on every dashboard run, and an API caller sending only
-`{"train": {...}}` would reset all the rest.
-
-Knobs whose params.yaml value may itself be null (a gate bound, `model.sha256`) cannot be set to
-null here (empty means "keep"): use `overrides: ["gates.min.accuracy=null"]` for that.
+Filled with today's values: `sync_forms` writes the project's current params.yaml values into the deployments'
+parameters (`finetune prefect deploy` calls it, and every flow run at its end, since a run may have changed
+params.yaml). The values it wrote are kept in `.finetune/forms/<params.yaml sha256>.json`, named by the form's
+`form_of` field. A submitted form then changes exactly the fields that differ from the values it was filled with:
+submitting it unchanged runs params.yaml as it is (even if the file changed since the form was filled: a scheduled
+run or a stale page never reverts anything), and an API call that sends only some fields changes only those.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Annotated, Any, Optional
+import hashlib
+import logging
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from tasks.params import (
-    ChampionGate,
-    DataParams,
-    GateParams,
-    MinBounds,
-    ModelParams,
-    OrchestrationParams,
-    Params,
-    StageParams,
-    TrainParams,
-)
+from tasks.files import read_json, write_json
+from tasks.params import Params, load_params
 
-DEFAULTS = Params()
-KEEP = "empty = the project's params.yaml value"
-
-
-def knob(model: type[BaseModel], name: str, default: Any) -> Any:
-    """`model.name`'s type, constraints and description, as an optional form field (None = keep)."""
-    field = model.model_fields[name]
-    shown = json.dumps(default) if not isinstance(default, str) else default
-    description = f"{field.description} (default: {shown}; {KEEP})"
-    typed = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-    return Annotated[Optional[typed], Field(description=description)]
+log = logging.getLogger(__name__)
+PARAMS_FILE = "params.yaml"
+SNAPSHOTS = Path(".finetune") / "forms"
+# what the retraining form offers: where the data is, how long each stage trains, what the new model must reach
+RETRAIN_FIELDS = {"data": {"path": None}, "train": {"stages": None}, "gates": None}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown key is refused by the server (409), not dropped
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # an unknown key is refused (409), not dropped
 
 
-class DataForm(Section):
-    """Where the images come from."""
-
-    source: knob(DataParams, "source", DEFAULTS.data.source) = None
-    path: knob(DataParams, "path", DEFAULTS.data.path) = None
-    task: knob(DataParams, "task", DEFAULTS.data.task) = None
-
-
-class ModelForm(Section):
-    """The pretrained backbone (`finetune models` lists what is available)."""
-
-    source: knob(ModelParams, "source", DEFAULTS.model.source) = None
-    arch: knob(ModelParams, "arch", DEFAULTS.model.arch) = None
-    weights: knob(ModelParams, "weights", DEFAULTS.model.weights) = None
-    sha256: knob(ModelParams, "sha256", DEFAULTS.model.sha256) = None
+def readable(text: str | None) -> str | None:
+    """A description as the dashboard shows it: it renders descriptions as Markdown, which drops `<class>`-like
+    text as an HTML tag; code spans keep such text as written."""
+    if not text or "<" not in text:
+        return text
+    return re.sub(r"[^\s(),`]*<[^\s(),`]*", lambda m: f"`{m.group(0)}`", text)
 
 
-class StageForm(Section):
-    """One training stage, by position: item i sets train.stages.i."""
-
-    epochs: knob(StageParams, "epochs", [s.epochs for s in DEFAULTS.train.stages]) = None
-    lr: knob(StageParams, "lr", [s.lr for s in DEFAULTS.train.stages]) = None
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-STAGES_HELP = ("training stages by position (item 1 sets the first stage of params.yaml, item 2 the second...); "
-               "defaults: " + ", ".join(f"{s.name} {s.epochs} epochs at lr {s.lr}" for s in DEFAULTS.train.stages))
+def _list_of_models(annotation: Any) -> type[BaseModel] | None:
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return _model_of(item)
+    return None
 
 
-class TrainForm(Section):
-    """Training."""
-
-    batch_size: knob(TrainParams, "batch_size", DEFAULTS.train.batch_size) = None
-    stages: list[StageForm] = Field(default_factory=list, description=STAGES_HELP)
-
-
-class MinForm(Section):
-    """Lower bounds on test metrics."""
-
-    accuracy: knob(MinBounds, "accuracy", DEFAULTS.gates.min.accuracy) = None
-    macro_recall: knob(MinBounds, "macro_recall", DEFAULTS.gates.min.macro_recall) = None
-    macro_f1: knob(MinBounds, "macro_f1", DEFAULTS.gates.min.macro_f1) = None
-
-
-class ChampionForm(Section):
-    """The candidate against the registry's champion."""
-
-    metric: knob(ChampionGate, "metric", DEFAULTS.gates.champion.metric) = None
-    max_drop: knob(ChampionGate, "max_drop", DEFAULTS.gates.champion.max_drop) = None
-    require_significant: knob(ChampionGate, "require_significant", DEFAULTS.gates.champion.require_significant) = None
-
-
-class GatesForm(Section):
-    """When a candidate may be exported and promoted."""
-
-    min: MinForm = Field(default_factory=MinForm, description=GateParams.model_fields["min"].description)
-    per_class_recall_floor: knob(GateParams, "per_class_recall_floor", DEFAULTS.gates.per_class_recall_floor) = None
-    champion: ChampionForm = Field(default_factory=ChampionForm, description=GateParams.model_fields["champion"].description)
-    first_run: knob(GateParams, "first_run", DEFAULTS.gates.first_run) = None
+def form_model(model: type[BaseModel], only: dict | None = None, prefix: str = "") -> type[Section]:
+    """A form for `model`: each field (or those named in `only`: name -> None for all of its fields, or a nested
+    `only`) with its type, constraints, alias and description, nested sections as nested forms, and no validators."""
+    fields: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        inner = None if only is None else only[name]
+        annotation = field.annotation
+        default: dict[str, Any] = {}
+        if sub := _model_of(annotation):
+            annotation = form_model(sub, inner, prefix)
+            default["default_factory"] = annotation
+        elif item := _list_of_models(annotation):
+            item_form = form_model(item, None, prefix)
+            annotation = list[item_form]
+            items = field.get_default(call_default_factory=True) or []
+            default["default_factory"] = lambda items=items, f=item_form: [f(**i.model_dump()) for i in items]
+        elif field.is_required():
+            default["default"] = ...
+        elif field.default_factory is not None:
+            default["default_factory"] = field.default_factory
+        else:
+            default["default"] = field.default
+        typed = Annotated[(annotation, *field.metadata)] if field.metadata else annotation
+        fields[name] = (typed, Field(**default, description=readable(field.description), alias=field.alias))
+    return create_model(f"{prefix}{model.__name__.removesuffix('Params')}Form", __base__=Section,
+                        __doc__=(model.__doc__ or "").strip() or None, **fields)
 
 
-class OrchestrationForm(Section):
-    """How this run is driven."""
-
-    stage_timeout_s: knob(OrchestrationParams, "stage_timeout_s", DEFAULTS.orchestration.stage_timeout_s) = None
-    lock_wait_s: knob(OrchestrationParams, "lock_wait_s", DEFAULTS.orchestration.lock_wait_s) = None
+RunForm = form_model(Params, prefix="Run")
+RetrainForm = form_model(Params, RETRAIN_FIELDS, prefix="Retrain")
 
 
-def _section(name: str, form: type[Section]) -> Any:
-    return Field(default_factory=form, description=Params.model_fields[name].description)
+def values(params: Params, only: dict | None = None) -> dict:
+    """params as form values (JSON, keys as params.yaml spells them), restricted to `only` (see `form_model`)."""
+    return _restrict(params.model_dump(mode="json", by_alias=True), only)
 
 
-class RunParams(Section):
-    """The run form: the params most runs change. Empty fields keep the project's params.yaml values;
-    `overrides` (beside this form) sets any other key. Everything set here is written into params.yaml
-    before the stages run, exactly like `finetune run --set`."""
-
-    data: DataForm = _section("data", DataForm)
-    model: ModelForm = _section("model", ModelForm)
-    train: TrainForm = _section("train", TrainForm)
-    gates: GatesForm = _section("gates", GatesForm)
-    orchestration: OrchestrationForm = _section("orchestration", OrchestrationForm)
+def _restrict(data: dict, only: dict | None) -> dict:
+    if only is None:
+        return data
+    return {k: _restrict(v, only[k]) if isinstance(v, dict) else v for k, v in data.items() if k in only}
 
 
-def to_patch(form: RunParams | None) -> dict:
-    """The fields set in the form as a nested patch of typed values (`tasks.params.apply_patch` merges it into
-    params.yaml): nothing is turned into `--set` text and parsed back, so a label such as `007` stays text."""
-    if form is None:
-        return {}
-    return _set_fields(form)
+def submitted(form: BaseModel | None) -> dict:
+    """The fields a caller gave (the dashboard gives them all; an API call maybe a few), as typed values."""
+    return {} if form is None else form.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
-def _set_fields(node: BaseModel) -> dict:
+def changes(given: dict, base: dict | None) -> dict:
+    """The part of `given` that differs from `base` (the values the form was filled with): what a person changed.
+    Lists of sections compare item by item (the i-th item patches params.yaml's i-th)."""
+    if base is None:
+        return given
     out: dict[str, Any] = {}
-    for name in type(node).model_fields:
-        value = getattr(node, name)
-        if isinstance(value, BaseModel):
-            if inner := _set_fields(value):
-                out[name] = inner
-        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
-            out[name] = [_set_fields(item) for item in value]
-        elif value is not None and not isinstance(value, list):
-            out[name] = value
+    for key, value in given.items():
+        was = base.get(key)
+        if isinstance(value, dict) and isinstance(was, dict):
+            if inner := changes(value, was):
+                out[key] = inner
+        elif isinstance(value, list) and isinstance(was, list) and value and all(isinstance(v, dict) for v in value):
+            items = [changes(v, was[i] if i < len(was) and isinstance(was[i], dict) else None)
+                     for i, v in enumerate(value)]
+            if any(items) or len(value) != len(was):
+                out[key] = items
+        elif value != was:
+            out[key] = value
     return out
+
+
+def to_patch(form: BaseModel | None, root: str | Path = ".", form_of: str | None = None) -> dict:
+    """What a submitted form changes in params.yaml: the fields given that differ from the values the form was
+    filled with (`form_of` names them; see the module docstring), as a nested patch of typed values."""
+    base = None
+    if form_of:
+        snapshot = Path(root) / SNAPSHOTS / f"{form_of}.json"
+        if snapshot.exists():
+            base = read_json(snapshot)
+        else:
+            log.warning("form_of %s: the values this form was filled with are not in %s; every field given is "
+                        "applied", form_of[:12], snapshot.parent)
+    return changes(submitted(form), base)
+
+
+# ---- today's values into the deployments' forms --------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def form_parameters(root: Path) -> dict[str, dict]:
+    """Each flow's form parameters for params.yaml as it is now; the values are also kept as the snapshot that
+    `form_of` names."""
+    path = Path(root) / PARAMS_FILE
+    params, sha = load_params(path), file_sha256(path)
+    filled = values(params)
+    snapshot = Path(root) / SNAPSHOTS / f"{sha}.json"
+    if not snapshot.exists():
+        write_json(snapshot, filled)
+    return {"finetune-pipeline": {"params": filled, "form_of": sha},
+            "finetune-retrain": {"params": values(params, RETRAIN_FIELDS), "form_of": sha}}
+
+
+def project_deployments(root: Path) -> list[tuple[str, str]]:
+    """(flow name, deployment name) of each deployment in the project's prefect.yaml whose flow has a form."""
+    import yaml
+
+    spec = Path(root) / "prefect.yaml"
+    if not spec.exists():
+        return []
+    flows = {"flows/pipeline.py:finetune_pipeline": "finetune-pipeline", "flows/retrain.py:finetune_retrain":
+             "finetune-retrain"}
+    found = []
+    for d in (yaml.safe_load(spec.read_text()) or {}).get("deployments") or []:
+        if d.get("entrypoint") in flows:
+            found.append((flows[d["entrypoint"]], d["name"]))
+    return found
+
+
+def sync_forms(root: str | Path) -> list[str]:
+    """Fill the project's deployments' forms with params.yaml's current values (deployments that are not
+    registered on the Prefect server in use are left out). Returns the deployments updated."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    root = Path(root).resolve()
+    wanted = project_deployments(root)
+    if not wanted:
+        return []
+    parameters = form_parameters(root)
+    done = []
+    with get_client(sync_client=True) as client:
+        for flow_name, name in wanted:
+            try:
+                deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
+            except ObjectNotFound:
+                continue
+            merged = {**(deployment.parameters or {}), **parameters[flow_name]}
+            if merged != deployment.parameters:
+                client.update_deployment(deployment.id, DeploymentUpdate(parameters=merged))
+            done.append(f"{flow_name}/{name}")
+    return done
+
+
+def sync_forms_quietly(root: str | Path) -> None:
+    """`sync_forms` at the end of a run: a failure to refresh the forms is logged, never fails the run."""
+    try:
+        updated = sync_forms(root)
+    except Exception as exc:  # the run's own outcome matters more than the form's freshness
+        log.warning("the dashboard forms were not refreshed with params.yaml's values: %s", exc)
+        return
+    if updated:
+        log.info("dashboard forms filled with params.yaml's values: %s", ", ".join(updated))
+

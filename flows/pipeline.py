@@ -5,7 +5,7 @@ Each Prefect task runs `dvc repro --single-item <stage>`, which runs the stage's
 `python -m tasks.<stage>` command only when its code, data or params changed, and records the
 result in `dvc.lock`. So a flow run and a plain `dvc repro` do the same work with the same stage
 functions, and `dvc status` is clean after either. Prefect adds what DVC lacks: the dashboard run
-form (`flows.form.RunParams`), deployments and schedules (prefect.yaml), retries of the stages that
+form (`flows.form.RunForm`), deployments and schedules (prefect.yaml), retries of the stages that
 do I/O, a stage timeout, logs per stage, artifacts, lineage and notifications.
 
 One path for every entry point (`finetune run --set`, the dashboard form, an API call, the
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Iterator
 
 from prefect import flow, get_run_logger, task
+from pydantic import BaseModel
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts, project
-from flows.form import RunParams, to_patch
+from flows.form import RunForm, sync_forms_quietly, to_patch
 from tasks import lineage
 from tasks.files import read_json
 from tasks.params import OrchestrationParams, Params, prepare_change
@@ -193,24 +194,31 @@ def run_stages(root: Path, orchestration: OrchestrationParams) -> dict[str, str]
 def _runtime() -> dict:
     """This flow run, as lineage and the project lock's holder record name it."""
     from prefect.runtime import deployment, flow_run
+    from prefect.settings import PREFECT_UI_URL
 
+    url = flow_run.ui_url if PREFECT_UI_URL.value() else None  # without a UI URL Prefect gives 'None/flow-runs/...'
     return {"flow": flow_run.flow_name, "flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
-            "url": flow_run.ui_url, "deployment": f"{flow_run.flow_name}/{deployment.name}" if deployment.name else None}
+            "url": url, "deployment": f"{flow_run.flow_name}/{deployment.name}" if deployment.name else None}
 
 
 @contextmanager
-def holding_project(form: RunParams | None, overrides: list[str], workdir: str) -> Iterator[project.AppliedParams]:
-    """The start every flow shares: validate the form and overrides against params.yaml once (nothing touched
-    yet), take the project lock, write the change into params.yaml (restored if the block fails)."""
+def holding_project(form: BaseModel | None, overrides: list[str], workdir: str,
+                    form_of: str | None = None) -> Iterator[project.AppliedParams]:
+    """The start every flow shares: validate the form's changes and the overrides against params.yaml once
+    (nothing touched yet), take the project lock, write the change into params.yaml (restored if the block
+    fails). At the end the deployments' forms are filled with params.yaml as it then is."""
     logger = get_run_logger()
     root = Path(workdir).resolve()
-    change = prepare_change(root / PARAMS_FILE, list(overrides or []), to_patch(form))  # a bad value fails here
+    change = prepare_change(root / PARAMS_FILE, list(overrides or []), to_patch(form, root, form_of))  # fails here
     shown = project.describe_change(change)
     holder = {**_runtime(), "overrides": shown}
-    with project.hold(root, change.params.orchestration.lock_wait_s, holder, logger.warning):
-        with project.params_applied(change, logger.info) as applied:
-            artifacts.run_params(shown if applied.changed else [], _sha256(applied.path))
-            yield applied
+    try:
+        with project.hold(root, change.params.orchestration.lock_wait_s, holder, logger.warning):
+            with project.params_applied(change, logger.info) as applied:
+                artifacts.run_params(shown if applied.changed else [], _sha256(applied.path))
+                yield applied
+    finally:
+        sync_forms_quietly(root)
 
 
 def registry_root(root: Path, p: Params) -> Path:
@@ -266,15 +274,18 @@ def pipeline_body(root: Path, p: Params) -> dict:
 
 
 @flow(name="finetune-pipeline", log_prints=True)
-def finetune_pipeline(params: RunParams = RunParams(), overrides: list[str] = [], workdir: str = ".") -> dict:  # noqa: B006
+def finetune_pipeline(params: RunForm = RunForm(), overrides: list[str] = [], workdir: str = ".",  # noqa: B006
+                      form_of: str | None = None) -> dict:
     """ingest -> validate -> fetch_model -> train -> evaluate -> gate -> export -> promote, each through DVC.
 
     Args:
-        params: the run form; empty fields keep the project's params.yaml values
-        overrides: any other params key as `section.key=value` (e.g. `train.batch_size=8`), like `finetune run --set`
+        params: every knob, filled in with the project's params.yaml values; what you change is written into
+            params.yaml before the stages run (like `finetune run --set`)
+        overrides: any params key as `section.key=value` (e.g. `train.batch_size=8`), like `finetune run --set`
         workdir: the project folder (a git + DVC repository with dvc.yaml); "." is the deployment's folder
+        form_of: which params.yaml the form was filled with (set when the form is filled; leave it as it is)
     """
-    with holding_project(params, overrides, workdir) as applied:
+    with holding_project(params, overrides, workdir, form_of) as applied:
         result = pipeline_body(Path(workdir).resolve(), applied.params)
     artifacts.outcome(result["summary"].splitlines()[1])
     return result

@@ -58,8 +58,9 @@ def describe(holder: dict | None) -> str:
     where = holder.get("deployment") or holder.get("flow") or ""
     parts = [what + (f" ({where})" if where else ""), f"pid {holder.get('pid')} on {holder.get('host')}",
              f"since {holder.get('started_at')}"]
-    if holder.get("url"):
-        parts.append(holder["url"])
+    url = holder.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):  # not 'None/flow-runs/...' (no UI URL)
+        parts.append(url)
     return ", ".join(parts)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows import artifacts, project
-from flows.form import RunParams
+from flows.form import RetrainForm
 from flows.pipeline import StageFailed, holding_project, pipeline_body, registry_root
 from tasks import lineage
 from tasks.registry import read_champion
@@ -50,19 +50,21 @@ def outcome_of(why: str, promotion: dict) -> str:
 
 
 @flow(name="finetune-retrain", log_prints=True)
-def finetune_retrain(force: bool = False, params: RunParams = RunParams(), overrides: list[str] = [],  # noqa: B006
-                     workdir: str = ".") -> dict:
+def finetune_retrain(force: bool = False, params: RetrainForm = RetrainForm(), overrides: list[str] = [],  # noqa: B006
+                     workdir: str = ".", form_of: str | None = None) -> dict:
     """Retrain when the data changed since the champion was trained (or when forced); promote only a winner.
 
     Args:
         force: retrain even if the data is what the champion was trained on (e.g. after changing params)
-        params: the run form; empty fields keep the project's params.yaml values
-        overrides: any other params key as `section.key=value`, like `finetune run --set`
+        params: where the data is, each stage's training, the gates: filled in with the project's params.yaml
+            values; what you change is written into params.yaml before the stages run
+        overrides: any params key as `section.key=value`, like `finetune run --set`
         workdir: the project folder (a git + DVC repository with dvc.yaml); "." is the deployment's folder
+        form_of: which params.yaml the form was filled with (set when the form is filled; leave it as it is)
     """
     logger = get_run_logger()
     root = Path(workdir).resolve()
-    with holding_project(params, overrides, workdir) as applied:
+    with holding_project(params, overrides, workdir, form_of) as applied:
         registry = registry_root(root, applied.params)
         retrain, why = data_verdict(root, registry, force)
         if not retrain:

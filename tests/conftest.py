@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,27 @@ def fit(model, classes, x, y, vx, vy, params, mean, std, seed: int = 0, **kwargs
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_dataset(tmp_path / "images")
+
+
+CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+                             shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium (apt; `make test` installs it) driven by Playwright through `executable_path` (never
+    `playwright install`, which downloads a browser). In CI a missing chromium fails the test instead of skipping."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: `make browser` installs Debian's chromium with apt-get")
+        pytest.skip("chromium is not installed (`make browser` installs it with apt-get)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                                              "--disable-background-networking", "--no-first-run"])
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

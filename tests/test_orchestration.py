@@ -13,69 +13,91 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.utilities.callables import parameter_schema  # noqa: E402
+from pydantic import BaseModel
 
 from flows import project
-from flows.form import RunParams, to_patch
+from flows.form import RunForm, form_parameters, to_patch
+from flows.pipeline import finetune_pipeline  # noqa: E402
+from flows.retrain import finetune_retrain  # noqa: E402
 from tasks import lineage
-from tasks.params import Params, load_params, prepare_change, render_defaults, write_overrides
+from tasks.params import (
+    Params,
+    load_params,
+    prepare_change,
+    render_defaults,
+    write_overrides,
+)
 from tests.conftest import REPO
 
 # ---- the run form ---------------------------------------------------------------------------------
 
 
 def form_schema() -> dict:
-    from prefect.utilities.callables import parameter_schema
-
-    from flows.pipeline import finetune_pipeline
-
     return parameter_schema(finetune_pipeline.fn).model_dump()
 
 
 def test_the_form_takes_types_choices_bounds_and_descriptions_from_the_params_models():
+    """Every knob is in the form with its schema's type: choices as enums (dropdowns), bounds as min/max, the
+    description rendered readably (`<class>` kept in a code span), sections nested, unknown keys refused."""
     schema = form_schema()
     defs = schema["definitions"]
-    source = defs["ModelForm"]["properties"]["source"]
-    assert source["anyOf"][0]["enum"] == ["bundled", "torchvision", "timm", "checkpoint"]
-    assert Params.model_fields["model"].annotation.model_fields["source"].description in source["description"]
-    assert "default: bundled" in source["description"]
-    lr = defs["StageForm"]["properties"]["lr"]["anyOf"][0]
-    assert lr == {"exclusiveMinimum": 0.0, "type": "number"}
-    epochs = defs["StageForm"]["properties"]["epochs"]["anyOf"][0]
+    source = defs["RunModelForm"]["properties"]["source"]
+    assert source["enum"] == ["bundled", "torchvision", "timm", "checkpoint"] and source["default"] == "bundled"
+    assert source["description"] == Params.model_fields["model"].annotation.model_fields["source"].description
+    assert defs["RunDataForm"]["properties"]["source"]["enum"] == ["elpv", "folder", "manifest"]
+    assert "`path/<class>/*`" in defs["RunDataForm"]["properties"]["source"]["description"]
+    lr = defs["RunStageForm"]["properties"]["lr"]
+    assert lr["exclusiveMinimum"] == 0.0 and lr["type"] == "number"
+    epochs = defs["RunStageForm"]["properties"]["epochs"]
     assert (epochs["minimum"], epochs["maximum"]) == (0, 1000)
-    accuracy = defs["MinForm"]["properties"]["accuracy"]
-    assert accuracy["anyOf"][0]["maximum"] == 1.0 and "default: 0.82" in accuracy["description"]
-    assert all(d.get("additionalProperties") is False for name, d in defs.items() if name.endswith(("Form", "Params")))
-    assert set(schema["properties"]) == {"params", "overrides", "workdir"}
-    assert schema["properties"]["overrides"]["description"].startswith("any other params key")
+    assert defs["RunTrainForm"]["properties"]["batch_size"]["type"] == "integer"
+    assert defs["RunMinBoundsForm"]["properties"]["accuracy"]["anyOf"][0]["maximum"] == 1.0  # null: the gate is off
+    assert all(d.get("additionalProperties") is False for d in defs.values())
+
+    def knobs(model) -> int:
+        sub = [f.annotation for f in model.model_fields.values()]
+        return sum(knobs(a) if isinstance(a, type) and issubclass(a, BaseModel) else 1 for a in sub)
+
+    assert knobs(RunForm) == knobs(Params)  # every knob
+    assert set(schema["properties"]) == {"params", "overrides", "workdir", "form_of"}
+    retrain = parameter_schema(finetune_retrain.fn).model_dump()
+    assert set(retrain["definitions"]["RetrainForm"]["properties"]) == {"data", "train", "gates"}
 
 
-def test_an_empty_form_changes_nothing_and_set_fields_become_a_typed_patch(tmp_path):
-    """The form's values reach params.yaml as typed values (no `--set` text parsed back): `007` stays text, the
-    second stage's lr changes and its other fields stay as the file says; an empty form leaves the file byte for
-    byte."""
-    f = tmp_path / "params.yaml"
+def test_a_form_changes_exactly_the_fields_that_differ_from_the_values_it_was_filled_with(tmp_path):
+    """The form's values reach params.yaml as typed values (no `--set` text parsed back: `007` stays text); an
+    unchanged form, even one filled from an older params.yaml, changes nothing; an API call that gives a few fields
+    changes those."""
+    root = tmp_path
+    f = root / "params.yaml"
     f.write_text((REPO / "params.yaml").read_text())
-    assert to_patch(RunParams()) == {}
-    assert not prepare_change(f, [], to_patch(RunParams())).changed
-    form = RunParams.model_validate({
-        "data": {"source": "folder", "path": "007"},
-        "train": {"stages": [{"epochs": 1}, {"lr": 0.01}], "batch_size": 8},
-        "gates": {"min": {"accuracy": 0.5}, "champion": {"require_significant": True}},
-    })
-    patch = to_patch(form)
-    assert patch == {"data": {"source": "folder", "path": "007"}, "train": {"batch_size": 8, "stages": [
-        {"epochs": 1}, {"lr": 0.01}]}, "gates": {"min": {"accuracy": 0.5}, "champion": {"require_significant": True}}}
+    filled = form_parameters(root)["finetune-pipeline"]
+    form_of = filled["form_of"]
+    unchanged = RunForm.model_validate(filled["params"])
+    assert to_patch(unchanged, root, form_of) == {} and to_patch(RunForm(), root, None) == {}
+
+    write_overrides(f, ["train.batch_size=12"])  # params.yaml changed since the form was filled
+    assert to_patch(unchanged, root, form_of) == {}  # a stale page or a scheduled run reverts nothing
+    edited = RunForm.model_validate(filled["params"])
+    edited.data.path = "007"
+    edited.train.stages[1].lr = 0.01
+    patch = to_patch(edited, root, form_of)
+    assert patch == {"data": {"path": "007"}, "train": {"stages": [{}, {"lr": 0.01}]}}
     change = prepare_change(f, [], patch)
     change.write()
     p = load_params(f)
-    assert p.data.path == "007" and p.train.stages[1].lr == 0.01 and p.train.stages[0].lr == 0.003  # the rest kept
-    assert p.train.stages[0].epochs == 1 and p.gates.champion.require_significant is True
+    assert p.data.path == "007" and p.train.stages[1].lr == 0.01 and p.train.batch_size == 12  # the rest kept
     assert "# Every knob of the pipeline" in f.read_text()  # comments kept
-    assert project.describe_change(change)[:2] == ["data.source=folder", "data.path=007"]
+    assert project.describe_change(change) == ["data.path=007", "train.stages.1.lr=0.01"]
+
+    partial = RunForm.model_validate({"train": {"batch_size": 8}, "gates": {"champion": {"require_significant": True}}})
+    assert to_patch(partial, root, None) == {"train": {"batch_size": 8},
+                                             "gates": {"champion": {"require_significant": True}}}
 
 
 @pytest.mark.parametrize("bad, key", [
-    ({"train": {"stages": [{"lr": -0.1}]}}, "train.stages.0.lr"),
+    ({"train": {"stages": [{"name": "a", "epochs": 1, "lr": -0.1}]}}, "train.stages.0.lr"),
     ({"model": {"source": "hub"}}, "model.source"),
     ({"data": {"sourc": "folder"}}, "data.sourc"),
     ({"gates": {"min": {"accuracy": 1.5}}}, "gates.min.accuracy"),
@@ -84,7 +106,24 @@ def test_the_form_refuses_what_params_refuse(bad, key):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=key.replace(".", r"\.")):
-        RunParams.model_validate(bad)
+        RunForm.model_validate(bad)
+
+
+def test_a_cross_field_rule_is_judged_on_params_yaml_with_the_change_applied(tmp_path):
+    """The form carries no cross-field rules: a change that is fine with the file's other values is accepted,
+    and a change that contradicts them is refused with the key named, before anything is written."""
+    from tasks.params import ParamsError
+
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    write_overrides(f, ["train.select_metric=macro_f1"])
+    ok = RunForm.model_validate({"train": {"early_stopping_patience": 3}})  # alone it would break select_metric: last
+    assert prepare_change(f, [], to_patch(ok, tmp_path)).params.train.early_stopping_patience == 3
+    bad = RunForm.model_validate({"data": {"source": "folder"}, "export": {"tta": "dihedral"}})
+    before = f.read_bytes()
+    with pytest.raises(ParamsError, match="export.tta"):
+        prepare_change(f, [], to_patch(bad, tmp_path))
+    assert f.read_bytes() == before
 
 
 # ---- the project lock (issue 12 #2) ---------------------------------------------------------------

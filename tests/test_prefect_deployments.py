@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 # head-only training, no INT8: short runs. Six head steps end wherever their last step lands, so these plumbing tests
 # keep the best validation epoch (as the default did until 2026-12-04) for a model that reliably passes the gates
 FAST = ["train.stages.1.epochs=0", "export.int8=false", "train.select_metric=macro_f1"]
-FORM = {"train": {"batch_size": 4, "stages": [{"epochs": 1, "lr": 0.02}]}, "gates": {"min": {"accuracy": 0.55}}}
+FORM = {"train": {"batch_size": 4, "stages": [{"name": "frozen", "epochs": 1, "lr": 0.02}]},
+        "gates": {"min": {"accuracy": 0.55}}}
 FORM_AS_SET = ["train.batch_size=4", "train.stages.0.epochs=1", "train.stages.0.lr=0.02", "gates.min.accuracy=0.55"]
 
 
@@ -181,12 +182,19 @@ def test_the_deployments_and_the_schedule_are_on_the_server(served):
     assert [s.schedule.cron for s in nightly.schedules] == [cron] and nightly.schedules[0].active
     assert manual.schedules == [] and pool.type == "process"
     assert manual.work_pool_name == nightly.work_pool_name == "finetune"
-    assert manual.enforce_parameter_schema and "RunParams" in manual.parameter_openapi_schema["definitions"]
+    assert manual.enforce_parameter_schema and "RunForm" in manual.parameter_openapi_schema["definitions"]
+    # the forms open filled in with params.yaml's values (kept as the snapshot `form_of` names)
+    p = load_params(served[0] / "params.yaml")
+    assert manual.parameters["params"]["train"]["batch_size"] == p.train.batch_size
+    assert nightly.parameters["params"]["train"]["stages"][0]["epochs"] == p.train.stages[0].epochs
+    assert set(nightly.parameters["params"]) == {"data", "train", "gates"} and nightly.parameters["force"] is False
+    assert manual.parameters["form_of"] == nightly.parameters["form_of"]
+    assert (served[0] / ".finetune" / "forms" / f"{manual.parameters['form_of']}.json").is_file()
     assert manual.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(served[0])
 
 
 @pytest.mark.parametrize("bad, field", [
-    ({"params": {"train": {"stages": [{"lr": -0.01}]}}}, "params.train.stages[0].lr"),
+    ({"params": {"train": {"stages": [{"name": "frozen", "epochs": 1, "lr": -0.01}]}}}, "params.train.stages[0].lr"),
     ({"params": {"model": {"source": "huggingface"}}}, "params.model.source"),
 ])
 def test_invalid_parameters_are_refused_by_the_server_before_any_run_exists(served, bad, field):
@@ -278,9 +286,9 @@ def test_retraining_only_on_new_data_and_promoting_only_a_winner(served, tmp_pat
     finetune_pipeline(workdir=str(root))
     assert registry.read_champion(reg)["version"] == "v0001"
 
-    same = finetune_retrain(workdir=str(root), params={"train": {"batch_size": 4}})
+    same = finetune_retrain(workdir=str(root), params={"gates": {"min": {"accuracy": 0.6}}})
     assert not same["retrained"] and same["outcome"].startswith("no change: data raw (")
-    assert "champion v0001" in same["outcome"] and load_params(root / "params.yaml").train.batch_size == 8  # untouched
+    assert "champion v0001" in same["outcome"] and load_params(root / "params.yaml").gates.min.accuracy == 0.5  # untouched
 
     make_dataset(tmp_path / "more", per_class=8, size=64, seed=7)  # new images of both classes
     for label in ("dark", "bright"):
@@ -300,3 +308,75 @@ def test_retraining_only_on_new_data_and_promoting_only_a_winner(served, tmp_pat
     assert registry.read_champion(reg)["version"] == "v0002"
     with pytest.raises(StageFailed):
         state.result()
+
+
+# ---- the run form in a real browser (issue 35) ------------------------------------------------------------------
+
+
+def form_property(page, label: str, nth: int = 1):
+    """The form field whose label starts with `label` (the nth such one, in page order)."""
+    return page.locator(f"xpath=(//span[contains(@class, 'schema-form-property__label')][starts-with(normalize-space(),"
+                        f" '{label}')])[{nth}]/ancestor::div[contains(concat(' ', @class, ' '), "
+                        f"' schema-form-property ')][1]")
+
+
+def open_run_form(page, local, deployment_id: str) -> None:
+    page.goto(f"{local.ui_url}/deployments/deployment/{deployment_id}/run")
+    form_property(page, "Batch Size").locator("input").wait_for(timeout=60_000)
+
+
+def submit_form(page) -> str:
+    """Click Submit; the dashboard then shows the new flow run: its id."""
+    page.locator("button[type=submit]", has_text="Submit").click()
+    page.wait_for_url("**/runs/flow-run/**", timeout=60_000)
+    return page.url.rstrip("/").split("/")[-1]
+
+
+def locked_train_params(root: Path) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
+
+
+def test_the_run_form_in_a_browser_opens_with_todays_values_and_runs_what_it_shows(served, browser, tmp_path):
+    """As a person uses it: the form opens filled in with params.yaml's values, a choice is a dropdown, changing the
+    first stage's epochs and clicking Submit runs exactly that change (dvc.lock records it), and submitting the
+    form again unchanged is a no-op. The screenshot is docs/img/run-form.png (UPDATE_DOCS_SCREENSHOTS=1 rewrites it)."""
+    root, local = served
+    with client() as c:
+        manual = c.read_deployment_by_name("finetune-pipeline/manual")
+    p = load_params(root / "params.yaml")
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    try:
+        open_run_form(page, local, str(manual.id))
+        assert form_property(page, "Batch Size").locator("input").input_value() == str(p.train.batch_size)
+        source = form_property(page, "Source")
+        assert source.locator(".p-select").count() == 1 and source.locator(".p-select-button__value").inner_text() \
+            == p.data.source
+        source.locator("button.p-select-button__control").click()  # a dropdown offering every source
+        for choice in ("elpv", "folder", "manifest"):
+            page.get_by_role("option", name=choice, exact=True).wait_for(timeout=10_000)
+        page.keyboard.press("Escape")
+        epochs = form_property(page, "Epochs", 1).locator("input")  # the first training stage's
+        assert epochs.input_value() == str(p.train.stages[0].epochs)
+        wanted = p.train.stages[0].epochs + 1
+        epochs.fill(str(wanted))
+        shot = tmp_path / "run-form.png"
+        form_property(page, "Stages").screenshot(path=str(shot))
+        if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
+            (REPO / "docs" / "img").mkdir(exist_ok=True)
+            page.screenshot(path=str(REPO / "docs" / "img" / "run-form.png"))
+        run = finish(submit_form(page))
+        assert run.state.type.value == "COMPLETED", (run.state.message, logs_of(run.id)[-3000:])
+        assert load_params(root / "params.yaml").train.stages[0].epochs == wanted
+        assert locked_train_params(root)["train"]["stages"][0]["epochs"] == wanted  # what DVC recorded
+        assert "Running stage 'train'" in logs_of(run.id)
+        lock, params_yaml = (root / "dvc.lock").read_bytes(), (root / "params.yaml").read_bytes()
+
+        open_run_form(page, local, str(manual.id))  # filled in with today's values again
+        assert form_property(page, "Epochs", 1).locator("input").input_value() == str(wanted)
+        again = finish(submit_form(page))
+        assert again.state.type.value == "COMPLETED", again.state.message
+        assert "Running stage" not in logs_of(again.id)  # every stage up to date: nothing ran
+        assert (root / "dvc.lock").read_bytes() == lock and (root / "params.yaml").read_bytes() == params_yaml
+        assert "none: params.yaml as it was" in artifacts_of(again.id)["run-params"].data
+    finally:
+        page.close()

@@ -4,8 +4,6 @@ Playwright through `executable_path` (never `playwright install`). Upload an ima
 from __future__ import annotations
 
 import io
-import os
-import shutil
 
 import pytest
 from PIL import Image
@@ -14,24 +12,6 @@ from tasks import registry
 from tests.test_serving import make_registry, start
 
 pytestmark = pytest.mark.slow
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-                             shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: `make browser` installs Debian's chromium with apt-get")
-        pytest.skip("chromium is not installed (`make browser` installs it with apt-get)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                              "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
 
 def png(level: int) -> bytes:
     buf = io.BytesIO()
