@@ -39,10 +39,12 @@ bench-peers-env: $(PEERS_VENV)/.installed  ## the peers' environment (fastai, Li
 bench: setup bench-peers-env  ## all benchmarks (tables, JSON in bench/results/), then docs/benchmarks.md
 	$(PY) bench/bench_elpv.py
 	$(PY) bench/bench_tta.py
+	$(PY) bench/bench_label_issues.py
 	$(PY) bench/bench_peers.py --size 224 --frozen-epochs 1 --unfrozen-epochs 2
 	$(PY) bench/bench_onnx.py
 	$(PY) bench/bench_train.py --n-train 256 --n-val 64 --epochs 2 --unfrozen-epochs 1
 	$(PY) bench/bench_serving.py --configs default --seconds 5 --int8
+	$(PY) bench/bench_drift.py
 	$(PY) bench/report.py
 
 # The web page's browser test drives Debian's chromium through Playwright (never `playwright install`, which

@@ -9,10 +9,13 @@ In one run, on the same model file and the same input:
      an asyncio client on the standard library), plus JSON tensors at 8 clients.
   3. Hot swap under load: the server follows a registry's champion while 8 clients send requests; a
      promotion and a rollback happen mid-run; every request must be answered 200.
+  4. Large uploads (bench/uploads.py, issue 32): the server's peak RSS while 4 and 16 clients upload worst-case
+     images (a 7000x7000 RGBA PNG, 7000x7000 JPEGs) to /api/predict at once, against a stated bound.
 
     .venv/bin/python bench/bench_serving.py                  # ~6-8 min on 2 cores (the model export included)
     .venv/bin/python bench/bench_serving.py --seconds 5 --configs default   # quicker
     .venv/bin/python bench/bench_serving.py --model models/model.onnx       # your exported model
+    .venv/bin/python bench/bench_serving.py --uploads-only                  # only case 4 (~2 min)
 
 Prints a table and writes bench/results/serving.json. Targets (from issue 13): binary tensors, batch 1,
 8 clients: p99 < 50 ms and >= 70% of ONNX Runtime alone's images/s. See bench/README.md.
@@ -38,6 +41,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from common import cpu_name, stamp  # noqa: E402  (bench/ is on sys.path when run as a script)
 from loadgen import run_load  # noqa: E402
+from uploads import measure_uploads, print_uploads  # noqa: E402
 
 from tasks import registry  # noqa: E402
 from tasks.entry import setup_logging  # noqa: E402
@@ -227,9 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
                     help="server settings to compare (default: only the server's defaults)")
     ap.add_argument("--int8", action="store_true", help="also quantize the model (static INT8, as the export stage "
                     "does, calibrated on 32 ELPV images) and measure ORT alone and the server's defaults on it")
+    ap.add_argument("--upload-clients", type=int, nargs="+", default=[4, 16], help="concurrent large uploads")
+    ap.add_argument("--uploads-only", action="store_true", help="only the large-upload case (written to "
+                    "bench/results/serving_uploads.json)")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra server options (last)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/serving.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/serving.json (serving_uploads.json "
+                    "with --uploads-only)")
     args = ap.parse_args(argv)
+    args.out = args.out or REPO / f"bench/results/serving{'_uploads' if args.uploads_only else ''}.json"
     setup_logging()
     load_before = os.getloadavg()
     cores = os.cpu_count() or 1
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
             model = tmp / "lite0.onnx"
             export_lite0(model, args.size)
         size = OnnxClassifier(model, threads=1).preprocessing.size
+        if args.uploads_only:
+            return uploads_only(model, tmp, args, load_before, t_start)
         image = test_image(size)
         reg = tmp / "registry"
         registry.register(reg, {"model.onnx": model}, {"note": "bench"})
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
             int8_ort, int8_ref = measure_ort(int8_path, image, cores, args.seconds)
             int8_runs = measure_server(int8_path, {"server defaults": []}, image, args)
             int8 = {"ort_alone": int8_ort, "ort_reference": int8_ref, "server": int8_runs}
+        log.info("large uploads: %s concurrent worst-case images", args.upload_clients)
+        uploads = measure_uploads(model, tmp / "uploads", args.upload_clients, args.server_args, NAME)
 
     at8 = runs[default_label]["binary"].get("8")
     targets = None
@@ -292,9 +305,23 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["bench/bench_serving.py", *(argv if argv is not None else sys.argv[1:])]),
         "ort_alone": ort, "ort_reference": reference, "server": runs, "server_default": default_label,
         "json_tensors_at_8": json_run, "swap_under_load": swap, "targets": targets, "int8": int8,
-        "seconds": round(time.time() - t_start, 1),
+        "large_uploads": uploads, "seconds": round(time.time() - t_start, 1),
     }
     print_table(out)
+    print_uploads(uploads)
+    write_json(args.out, out)
+    print(f"\nwritten: {args.out} ({out['seconds']:.0f} s)")
+    return out
+
+
+def uploads_only(model: Path, tmp: Path, args, load_before, t_start: float) -> dict:
+    from common import provenance
+
+    uploads = measure_uploads(model, tmp / "uploads", args.upload_clients, args.server_args, NAME)
+    command = " ".join(["bench/bench_serving.py", *(sys.argv[1:])])
+    out = {**provenance(REPO, command, load_before=load_before), "model": str(args.model or "fresh Lite0"),
+           "large_uploads": uploads, "seconds": round(time.time() - t_start, 1)}
+    print_uploads(uploads)
     write_json(args.out, out)
     print(f"\nwritten: {args.out} ({out['seconds']:.0f} s)")
     return out

@@ -191,6 +191,97 @@ def tta(d: dict) -> list[str]:
     return lines
 
 
+def label_issues(d: dict) -> list[str]:
+    b, s, f = d["backbone"], d["separation"], d["flagged"]
+    lines = [f"The label_issues stage (`python -m tasks.label_issues`, a fresh process, as dvc.yaml runs it) on the "
+             f"{s['n']} validated ELPV cells, {b['arch']} features at {b['size']} px, {s['folds']}-fold logistic "
+             f"regression (out-of-fold accuracy {pct(s['oof_accuracy'])}).", "",
+             "| run | wall s | features | flagged label errors | near-duplicate pairs | outliers |",
+             "| --- | --- | --- | --- | --- | --- |",
+             f"| cold (no feature cache) | {num(d['cold_s'])} | computed | {d['counts']['label_issues']} | "
+             f"{d['counts']['near_duplicates']} | {d['counts']['outliers']} |",
+             f"| warm (features cached) | {num(d['warm_s'])} | cached | {d['counts']['label_issues']} | "
+             f"{d['counts']['near_duplicates']} | {d['counts']['outliers']} |", "",
+             f"Warm timings inside the stage (s): {', '.join(f'{k} {v}' for k, v in d['timings_warm'].items())}.", "",
+             f"How well the label-quality score separates the {s['unsure']} cells the experts rated 1/3 or 2/3 from "
+             "those rated 0 or 1 (AUROC of 1 - score; 0.5 = no better than chance):", "",
+             "| score | all cells | " + " | ".join(f"given {c}" for c in next(iter(s["auroc"].values())) if c != "all")
+             + " |", "| --- | --- |" + " --- |" * (len(next(iter(s["auroc"].values()))) - 1)]
+    for method, row in s["auroc"].items():
+        lines.append(f"| {method} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+    if len({tuple(row.values()) for row in s["auroc"].values()}) == 1:
+        lines += ["", "With two classes the three scores are monotone in the probability of the given label, so they "
+                  "rank the cells alike."]
+    lines += ["", f"Flagged: {f['flagged']} cells, {f['flagged_unsure']} of them rated 1/3 or 2/3 "
+              f"({pct(f['flagged_unsure'] / max(1, f['flagged']))}; base rate {pct(f['base_rate_unsure'])}); per split "
+              + ", ".join(f"{k} {v}" for k, v in f["per_split"].items())
+              + (f"; flagged test cells the pipeline's current model (reports/eval/predictions.csv) gets wrong: "
+                 f"{f['flagged_test_cells_the_default_model_gets_wrong']} (it gets {f['default_model_test_errors']} "
+                 "test cells wrong)" if "default_model_test_errors" in f else "") + "."]
+    if "retrain" in d:
+        r = d["retrain"]
+        lines += ["", f"The default recipe trained on all train images and without the {r['dropped_train_images']} "
+                  "flagged ones (validation and test splits untouched):", "",
+                  "| train images | val accuracy | val macro F1 | test accuracy (95% CI) | test macro F1 | train s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in (r["all"], r["without_flagged"]):
+            lines.append(f"| {row['n_train']} | {pct(row['val_accuracy'])} | {pct(row['val_macro_f1'])} | "
+                         f"{pct(row['test_accuracy'], row['test_accuracy_ci'])} | {pct(row['test_macro_f1'])} | "
+                         f"{num(row['train_s'], '.0f')} |")
+    return lines
+
+
+def drift(d: dict) -> list[str]:
+    s, r, fa, cs, cost = d["settings"], d["reference"], d["false_alarms"], d["clean_streams"], d["cost"]
+    lines = [f"Model `{d['model']}`; reference: {r['n']} {r.get('reference_split')} cells, PCA to {r['components']} "
+             f"components on {r.get('n_fit')} {r.get('fit_split')} cells. Server settings: window {s['window']}, a test "
+             f"every {s['every']} requests, alpha {s['alpha']} per test (Bonferroni), {s['consecutive']} rejections in a "
+             f"row raise the alarm. Clean traffic: the {d['test_images']} test cells.", "",
+             "| traffic | detected within 100 requests | requests until the alarm (median / p90) | median p-values of "
+             "a whole shifted window: embedding / softmax |", "| --- | --- | --- | --- |"]
+    for name, x in d["shifts"].items():
+        p = x["full_window_pvalues"]
+        med = "-" if x["requests_median"] is None else f"{x['requests_median']:.0f} / {x['requests_p90']:.0f}"
+        lines.append(f"| {name} | {pct(x['detected_within_100'])} of {x['trials']} | {med} | "
+                     f"{p['embedding']:.1e} / {p['softmax']:.1e} |")
+    arl = (f"ARL0 {cs['arl0_requests']:,.0f} requests" if cs["arl0_requests"] else
+           f"no alarm: ARL0 > {cs['arl0_lower_95']:,.0f} requests (95%)")
+    lines += ["", "| without drift | result |", "| --- | --- |",
+              f"| single tests on {fa['windows']} random clean windows of {fa['window']}: rejecting | "
+              + ", ".join(f"{pct(v)} at alpha {a}" for a, v in fa["rejected"].items()) + " |",
+              f"| {cs['streams']} clean streams, {cs['requests']:,} requests, {cs['tests']:,} tests | "
+              f"{pct(cs['rejection_rate'])} of tests reject, {cs['alarms']} alarms; {arl} |",
+              "| mono reference, clean mono windows: rejecting | " + ", ".join(
+                  f"{pct(v)} at alpha {a}" for a, v in d["mono_reference"]["false_alarms"]["rejected"].items()) + " |",
+              f"| cost of one test (window {cost['window']}, in-process) | mean {num(cost['mean_ms'], '.2f')} ms, p99 "
+              f"{num(cost['p99_ms'], '.2f')} ms |"]
+    if "throughput" in d:
+        t = d["throughput"]
+        sc = t.get("server_test_cost") or {}
+        lines.append(f"| server throughput, monitoring on / off ({t['clients']} clients, binary tensors, 2 runs of "
+                     f"{t['seconds']:g} s each, alternating) | {num(t['requests_per_s']['on'])} / "
+                     f"{num(t['requests_per_s']['off'])} requests/s: ratio {t['ratio_on_off']:.3f}"
+                     + (f"; a test in the server {num(sc['mean_ms'], '.2f')} ms ({sc['tests']} tests)" if sc else "")
+                     + " |")
+    if d.get("sweep"):
+        names = list(d["sweep"][0]["shifts"])
+        lines += ["", "The false-alarm control's trade-off: other per-test levels and alarm rules on the same outputs "
+                  "(clean streams as above; detection trials as above, fewer):", "",
+                  "| alpha, rejections in a row | alarms in clean streams | ARL0 (requests) | "
+                  + " | ".join(f"{n}: within 100, median requests" for n in names) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(names)]
+        rows = [{"alpha": s["alpha"], "consecutive": s["consecutive"], "alarms": cs["alarms"], "requests": cs["requests"],
+                 "arl0_requests": cs["arl0_requests"], "arl0_lower_95": cs["arl0_lower_95"], "shifts": d["shifts"],
+                 "default": True}] + d["sweep"]
+        for row in rows:
+            arl = f"{row['arl0_requests']:,.0f}" if row["arl0_requests"] else f"> {row['arl0_lower_95']:,.0f} (95%)"
+            found = [(row["shifts"][n]["detected_within_100"], row["shifts"][n]["requests_median"]) for n in names]
+            lines.append(f"| {row['alpha']}, {row['consecutive']}{' (default)' if row.get('default') else ''} | "
+                         f"{row['alarms']} in {row['requests']:,} | {arl} | "
+                         + " | ".join(f"{pct(w)}, {num(m, '.0f')}" for w, m in found) + " |")
+    return lines
+
+
 def gpu(d: dict) -> list[str]:
     lines = ["```", json.dumps(d.get("info", {}), indent=1)[:2000], "```", ""]
     for r in d.get("results", []):
@@ -208,6 +299,10 @@ SECTIONS = [
     ("Serving under load", "serving.json", ".venv/bin/python bench/bench_serving.py", serving),
     ("Staged vs single-stage recipes", "recipes.json", ".venv/bin/python bench/bench_recipes.py", recipes),
     ("Which epoch's weights to keep", "selection.json", ".venv/bin/python bench/bench_selection.py", selection),
+    ("Label issues on ELPV: cost and agreement with the experts' uncertainty", "label_issues.json",
+     ".venv/bin/python bench/bench_label_issues.py", label_issues),
+    ("Drift monitoring on ELPV: false alarms, detection, cost", "drift.json", ".venv/bin/python bench/bench_drift.py",
+     drift),
     ("Training memory vs data size", "scale.json", ".venv/bin/python bench/bench_scale.py", scale),
     ("Ingest and validation memory vs data size", "scale_data.json",
      ".venv/bin/python bench/bench_scale.py --data-only --with-100k", data_stages),

@@ -24,7 +24,7 @@ import numpy as np
 
 
 class Model(Protocol):
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]: ...  # (logits, probabilities[, embedding])
 
 
 @dataclass
@@ -35,7 +35,8 @@ class _Item:
 
 
 class Runner:
-    """`await runner.run(model, images)` -> (logits, probabilities), on the runner's threads."""
+    """`await runner.run(model, images)` -> the model's outputs for the images ((logits, probabilities), or with
+    the embedding when the drift monitor asks for it), on the runner's threads."""
 
     def __init__(self, concurrency: int = 1, batching: bool = False, max_batch: int = 32, max_delay_s: float = 0.0,
                  on_batch: Callable[[int], None] | None = None):
@@ -74,7 +75,7 @@ class Runner:
                 item.future.set_exception(RuntimeError("the server is shutting down"))
         self.executor.shutdown(wait=True)
 
-    async def run(self, model: Model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def run(self, model: Model, images: np.ndarray) -> tuple[np.ndarray, ...]:
         loop = asyncio.get_running_loop()
         if not self._workers:  # batching off (or not started): one model call for this request
             self.on_batch(len(images))
@@ -113,7 +114,7 @@ class Runner:
             self.on_batch(sum(len(i.images) for i in batch))
             try:
                 images = batch[0].images if len(batch) == 1 else np.concatenate([i.images for i in batch])
-                logits, probs = await loop.run_in_executor(self.executor, batch[0].model.run, images)
+                outputs = await loop.run_in_executor(self.executor, batch[0].model.run, images)
             except Exception as exc:  # a failure belongs to every request of the batch
                 for item in batch:
                     if not item.future.done():
@@ -123,5 +124,5 @@ class Runner:
             for item in batch:
                 end = start + len(item.images)
                 if not item.future.done():
-                    item.future.set_result((logits[start:end], probs[start:end]))
+                    item.future.set_result(tuple(out[start:end] for out in outputs))
                 start = end

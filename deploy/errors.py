@@ -48,6 +48,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    """Anything else is the server's fault: logged with its traceback, a 500 without it."""
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    """Anything else is the server's fault: a 500 without the traceback. Starlette re-raises the exception after
+    this handler and uvicorn logs its traceback (once: logging it here too gave two per request)."""
+    log.error("unexpected error on %s %s: %s", request.method, request.url.path, type(exc).__name__,
+              extra={"event": "error", "path": request.url.path})
     return error_response(500, f"internal error ({type(exc).__name__}); the server logged it")

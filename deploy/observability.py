@@ -19,6 +19,7 @@ from pythonjsonlogger.json import JsonFormatter
 access_log = logging.getLogger("deploy.access")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DRIFT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
 class Metrics:
@@ -37,6 +38,19 @@ class Metrics:
         self.model_info = Gauge("serving_model_info", "1 for the model version being served",
                                 ["model", "version", "sha256"], registry=r)
         self.swaps = Counter("serving_model_swaps", "hot swaps by result (ok, failed)", ["result"], registry=r)
+        # drift monitoring (deploy/monitor.py; docs/serving.md "Drift monitoring")
+        self.drift_pvalue = Gauge("drift_pvalue", "p-value of the last drift test, by detector (embedding: KS per "
+                                  "principal component, softmax: KS per class, combined; Bonferroni-adjusted)",
+                                  ["detector"], registry=r)
+        self.drift_detected = Gauge("drift_detected", "1 while drift is detected (alarm raised, not yet cleared)",
+                                    registry=r)
+        self.drift_alarms = Counter("drift_alarms", "drift alarms raised (episodes)", registry=r)
+        self.drift_window = Gauge("drift_window_size", "rows (images) in the drift window now", registry=r)
+        self.drift_tests = Counter("drift_tests", "drift tests run", registry=r)
+        self.drift_test_seconds = Histogram("drift_test_duration_seconds", "time one drift test takes (its own "
+                                            "thread, off the request path)", buckets=DRIFT_BUCKETS, registry=r)
+        self.drift_retrains = Counter("drift_retrain_requests", "retraining runs requested by drift alarms, by "
+                                      "result (ok, cooldown, failed)", ["result"], registry=r)
 
     def observe_batch(self, n: int) -> None:
         self.batch_size.observe(n)
@@ -51,6 +65,22 @@ class Metrics:
         self.swaps.labels("failed" if error else "ok").inc()
         if new is not None:
             self.served(new)
+
+    def drift_reset(self) -> None:
+        """A new model (or none) is monitored: no test yet, nothing detected."""
+        self.drift_detected.set(0)
+        self.drift_window.set(0)
+        for detector in ("embedding", "softmax", "combined"):
+            self.drift_pvalue.labels(detector).set(float("nan"))  # NaN: no test of this model yet
+
+    def drift_tested(self, outcome) -> None:
+        self.drift_tests.inc()
+        self.drift_test_seconds.observe(outcome.result.seconds)
+        for detector, p in outcome.result.pvalues.items():
+            self.drift_pvalue.labels(detector).set(p)
+        self.drift_detected.set(1 if outcome.detected else 0)
+        if outcome.alarm:
+            self.drift_alarms.inc()
 
     def render(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

@@ -17,6 +17,7 @@ call them directly. What the spec and tritonclient 2.73 do (docs/serving.md has 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ ORT_TO_V2 = {f"tensor({t})": v for t, v in (
     ("bool", "BOOL"), ("uint8", "UINT8"), ("uint16", "UINT16"), ("uint32", "UINT32"), ("uint64", "UINT64"),
     ("int8", "INT8"), ("int16", "INT16"), ("int32", "INT32"), ("int64", "INT64"), ("float16", "FP16"),
     ("float", "FP32"), ("double", "FP64"), ("string", "BYTES"))}
+
+
+FITS = object()  # _first_misfit: every value fits
 
 
 class V2Error(Exception):
@@ -93,6 +97,8 @@ def split_body(body: bytes, header_len: str | None) -> tuple[dict, memoryview]:
         head, tail = body, memoryview(b"")
     try:
         request = json.loads(head)
+    except RecursionError:
+        raise V2Error(400, "the request's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         hint = f" (binary data without the {HEADER_LEN} header?)" if header_len is None else ""
         raise V2Error(400, f"the request is not valid JSON: {exc}{hint}") from None
@@ -111,7 +117,7 @@ def decode_inputs(request: dict, tail: memoryview, inputs: dict[str, TensorSpec]
         if not isinstance(tensor, dict):
             raise V2Error(400, "each entry of 'inputs' must be a JSON object")
         name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-        if name not in inputs:
+        if not isinstance(name, str) or name not in inputs:
             raise V2Error(400, f"model '{model}' has no input '{name}' (inputs: {sorted(inputs)})")
         if name in feeds:
             raise V2Error(400, f"input '{name}' is given twice")
@@ -123,9 +129,9 @@ def decode_inputs(request: dict, tail: memoryview, inputs: dict[str, TensorSpec]
                        for s, w in zip(shape, spec.shape))):
             raise V2Error(400, f"input '{name}': shape {shape}, expected {list(spec.shape)} (-1: any size)")
         dtype = np.dtype(V2_TO_NUMPY[datatype])
-        count = int(np.prod(shape))
-        params = tensor.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        count = math.prod(shape)  # exact: numpy's product would wrap around for dimensions such as 2**62
+        params = parameters_of(tensor, f"input '{name}'")
+        size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(tail):
                 raise V2Error(400, f"input '{name}': binary_data_size {size} does not match shape {shape} of "
@@ -134,13 +140,7 @@ def decode_inputs(request: dict, tail: memoryview, inputs: dict[str, TensorSpec]
             array = np.frombuffer(tail[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
             offset += size
         elif "data" in tensor:
-            try:
-                array = np.asarray(tensor["data"], dtype=dtype)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise V2Error(400, f"input '{name}': data is not {datatype} ({exc})") from None
-            if array.size != count:
-                raise V2Error(400, f"input '{name}': {array.size} values for shape {shape} ({count} expected)")
-            array = array.reshape(shape)
+            array = json_tensor(name, tensor["data"], datatype, shape)
         else:
             raise V2Error(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         feeds[name] = array
@@ -152,6 +152,58 @@ def decode_inputs(request: dict, tail: memoryview, inputs: dict[str, TensorSpec]
     return feeds
 
 
+def parameters_of(entry: dict, what: str) -> dict:
+    """An entry's `parameters`: a JSON object, or nothing."""
+    params = entry.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise V2Error(400, f"{what}: 'parameters' must be a JSON object, got {type(params).__name__}")
+    return params
+
+
+def json_tensor(name: str, data, datatype: str, shape: list[int]) -> np.ndarray:
+    """JSON `data` (nested or flat) as an array of `datatype` and `shape`, its values checked, never converted: a
+    float for an integer tensor, a value out of the type's range, text or a boolean for a number is a 400."""
+    try:
+        raw = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise V2Error(400, f"input '{name}': data is not {datatype} ({str(exc).splitlines()[0][:200]})") from None
+    count = math.prod(shape)
+    if raw.size != count:
+        raise V2Error(400, f"input '{name}': {raw.size} values for shape {shape} ({count} expected)")
+    dtype = np.dtype(V2_TO_NUMPY[datatype])
+    bad = _first_misfit(raw, dtype, data) if raw.size else FITS
+    if bad is not FITS:
+        takes = {"b": "true or false", "f": "numbers"}.get(dtype.kind) or \
+            f"integers from {np.iinfo(dtype).min} to {np.iinfo(dtype).max}"
+        shown = bad.item() if isinstance(bad, np.generic) else bad
+        raise V2Error(400, f"input '{name}': data is not {datatype} ({datatype} takes {takes}, got {shown!r:.60})")
+    return raw.astype(dtype).reshape(shape)
+
+
+def _first_misfit(raw: np.ndarray, dtype: np.dtype, data):
+    """The first value of the request's `data` that `dtype` cannot hold as it is (FITS: all fit). numpy's inferred
+    type says whether all fit (a float anywhere makes the array float); only a refusal looks at the values one by
+    one, to name the culprit. (numpy counts booleans among integers as 0 and 1: those pass.)"""
+    kind = raw.dtype.kind
+    if dtype.kind in "iu" and kind in "iu":
+        info = np.iinfo(dtype)
+        outside = np.flatnonzero((raw < info.min) | (raw > info.max))
+        return raw.flat[outside[0]] if outside.size else FITS
+    if (dtype.kind == "b" and kind == "b") or (dtype.kind == "f" and kind in "iuf"):
+        return FITS
+    if dtype.kind == "b":
+        fits = lambda v: isinstance(v, bool)
+    elif dtype.kind == "f":
+        fits = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    else:
+        info = np.iinfo(dtype)
+        fits = lambda v: isinstance(v, int) and not isinstance(v, bool) and info.min <= v <= info.max
+    values = np.asarray(data, dtype=object).reshape(-1)
+    return next((v for v in values if not fits(v)), values[0])
+
+
 def requested_outputs(request: dict, outputs: dict[str, TensorSpec]) -> list[dict]:
     """The outputs to return (all, when the request names none), each as {"name", "parameters"}."""
     wanted = request.get("outputs")
@@ -159,11 +211,11 @@ def requested_outputs(request: dict, outputs: dict[str, TensorSpec]) -> list[dic
         return [{"name": name, "parameters": {}} for name in outputs]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
         raise V2Error(400, "'outputs' must be a list of JSON objects")
-    unknown = [o.get("name") for o in wanted if o.get("name") not in outputs]
+    unknown = [o.get("name") for o in wanted if not isinstance(o.get("name"), str) or o["name"] not in outputs]
     if unknown:
-        raise V2Error(400, f"unknown output(s) {unknown} (outputs: {sorted(outputs)})")
+        raise V2Error(400, f"unknown output(s) {str(unknown)[:200]} (outputs: {sorted(outputs)})")
     for o in wanted:
-        k = (o.get("parameters") or {}).get("classification")
+        k = parameters_of(o, f"output '{o['name']}'").get("classification")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise V2Error(400, f"output '{o['name']}': classification must be a positive integer, got {k!r}")
     return [{"name": o["name"], "parameters": o.get("parameters") or {}} for o in wanted]

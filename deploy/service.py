@@ -13,33 +13,39 @@
   put in place with one assignment. A request captures the model once and finishes on it, so every
   request is answered during a swap; a model that fails its check is never served (the old one stays
   and the failure is logged, counted and reported on /api/model).
+- Uploads are decoded by `deploy.decode` within a memory budget shared by all requests (`decode_memory` bytes).
+- Drift monitoring (`deploy.monitor`): for a model exported with its `embedding` output and drift reference, each
+  request's outputs are appended to the monitor's window; the test runs in the monitor's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from deploy import decode
 from deploy.batching import Runner
+from deploy.monitor import Monitor
 from deploy.protocol import TensorSpec, V2Error, spec_of
-from tasks import registry
+from tasks import drift, registry
 from tasks.files import sha256_file
 from tasks.images import DEFAULT_MAX_PIXELS, ImageError
-from tasks.inference import INPUT, OUTPUTS, ModelError, OnnxClassifier
+from tasks.inference import EMBEDDING, INPUT, OUTPUTS, ModelError, OnnxClassifier
 
 log = logging.getLogger("deploy.service")
 CARD = "model_card.md"
-JSON_METADATA = ("classes", "preprocessing", "metrics", "verdict", "export")  # metadata values that hold JSON
+# metadata values that hold JSON
+JSON_METADATA = ("classes", "preprocessing", "metrics", "verdict", "export", "drift_reference")
 PRECISIONS = ("fp32", "int8")
 
 
@@ -138,6 +144,14 @@ class LoadedModel:
     loaded_at: str
     inputs: dict[str, TensorSpec] = field(default_factory=dict)
     outputs: dict[str, TensorSpec] = field(default_factory=dict)
+    reference: drift.Reference | None = None  # what drift monitoring compares this model's outputs with
+    reference_note: str | None = None  # why there is none
+
+    @cached_property
+    def with_embedding(self) -> "_WithEmbedding":
+        """This model for the runner when the monitor wants the `embedding` output too (one object per model, so
+        micro-batching still merges its requests)."""
+        return _WithEmbedding(self.classifier)
 
     @property
     def classes(self) -> list[str]:
@@ -180,6 +194,22 @@ class LoadedModel:
                 "preprocessing": self.classifier.preprocessing.to_dict(), "metadata": meta, "model_card": self.card}
 
 
+class _WithEmbedding:
+    def __init__(self, classifier: OnnxClassifier):
+        self.run = classifier.run_with_embedding
+
+
+def reference_of(classifier: OnnxClassifier) -> tuple[drift.Reference | None, str | None]:
+    """The model's drift reference (the file its metadata names, checked), or None and why."""
+    if not classifier.has_embedding:
+        return None, (f"{classifier.path.name} has no '{EMBEDDING}' output (exported before drift monitoring, or "
+                      "not by this pipeline)")
+    try:
+        return drift.reference_of(classifier.path, classifier.metadata), None
+    except drift.DriftError as exc:
+        return None, str(exc)
+
+
 def load(source: Source, name: str, threads: int | None = None, batch_size: int = 32) -> LoadedModel:
     """Open the model the source names now and check it (ModelError says why it cannot be served)."""
     path, version, card = source.locate()
@@ -189,7 +219,8 @@ def load(source: Source, name: str, threads: int | None = None, batch_size: int 
     outputs = {o.name: spec_of(o) for o in classifier.session.get_outputs() if o.name in OUTPUTS}
     model = LoadedModel(classifier, name, version or sha[:12], sha, path, source.describe(),
                         card.read_text(encoding="utf-8", errors="replace") if card else None,
-                        datetime.now(timezone.utc).isoformat(timespec="seconds"), inputs, outputs)
+                        datetime.now(timezone.utc).isoformat(timespec="seconds"), inputs, outputs,
+                        *reference_of(classifier))
     warm_up(model)
     return model
 
@@ -210,16 +241,6 @@ def warm_up(model: LoadedModel, n: int = 2) -> None:
         raise ModelError(f"{model.path}: warm-up outputs are not finite probabilities")
 
 
-def read_upload(model: LoadedModel, filename: str, data: bytes, max_pixels: int) -> np.ndarray:
-    """One uploaded file -> the model's input, through the one decode path (errors name the file)."""
-    buffer = io.BytesIO(data)
-    buffer.name = filename or "<upload>"
-    try:
-        return model.classifier.load(buffer, max_pixels)
-    except ImageError as exc:  # PIL names the buffer object in some messages: not useful to the client
-        raise V2Error(400, f"upload {str(exc).replace(' ' + repr(buffer), '')}") from None
-
-
 def top_k(model: LoadedModel, probabilities: np.ndarray, k: int) -> list[dict]:
     return [{"label": label, "probability": p} for label, p in model.classifier.top_k(probabilities, k)]
 
@@ -228,12 +249,17 @@ class Service:
     """The served model, the model runner and the hot swap. `current` is the model new requests use."""
 
     def __init__(self, source: Source, name: str, runner: Runner, threads: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, on_swap: Callable[[LoadedModel | None, LoadedModel | None, str | None], None] | None = None):
-        self.source, self.name, self.runner = source, name, runner
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_memory: int = 256 << 20,
+                 on_swap: Callable[[LoadedModel | None, LoadedModel | None, str | None], None] | None = None,
+                 monitor: Monitor | None = None):
+        self.source, self.name, self.runner, self.monitor = source, name, runner, monitor
         self.threads, self.max_pixels = threads, max_pixels
+        self.decodes = decode.DecodeBudget(decode_memory)
         self.on_swap = on_swap or (lambda old, new, error: None)
         self._fingerprint = source.fingerprint()
         self.current: LoadedModel = load(source, name, threads, runner.max_batch)
+        if monitor is not None:
+            monitor.attach(self.current)
         self.last_swap: dict | None = None
         self._lock = asyncio.Lock()
 
@@ -248,14 +274,39 @@ class Service:
             raise V2Error(404, f"model '{name}' has no version '{version}': it serves version {model.version}")
         return model
 
-    def preprocess(self, model: LoadedModel, files: list[tuple[str, bytes]]) -> np.ndarray:
-        """Uploaded files -> one uint8 batch (blocking: call it in a thread)."""
-        return np.stack([read_upload(model, name, data, self.max_pixels) for name, data in files])
+    async def preprocess(self, model: LoadedModel, files: list[tuple[str, bytes]]) -> np.ndarray:
+        """Uploaded files -> one uint8 batch."""
+        return np.stack([await self.preprocess_one(model, name, data) for name, data in files])
+
+    async def preprocess_one(self, model: LoadedModel, filename: str, data: bytes) -> np.ndarray:
+        """One uploaded file -> the model's input (3, S, S): its header read, then decoded in a thread once the
+        decode budget has room for it (`deploy.decode`). Errors name the file: 400 not an image or over the pixel
+        limit, 413 needing more decode memory than the server allows, 503 waiting too long for room."""
+        size, name = model.classifier.preprocessing.size, filename or "<upload>"
+        try:
+            upload = await asyncio.to_thread(decode.inspect, data, name, size, self.max_pixels)
+            try:
+                async with self.decodes.hold(upload.cost, name):
+                    return await asyncio.to_thread(decode.decode, upload, size, self.max_pixels)
+            finally:
+                upload.image.close()
+        except decode.DecodeRefused as exc:
+            raise V2Error(413, f"upload {exc}") from None
+        except ImageError as exc:
+            raise V2Error(400, f"upload {exc}") from None
+        except TimeoutError:
+            raise V2Error(503, f"upload {name}: the server is busy decoding other large images; try again") from None
 
     async def predict(self, model: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, 3, S, S) -> (logits, probabilities), on the runner (batched with others when on)."""
+        """uint8 (N, 3, S, S) -> (logits, probabilities), on the runner (batched with others when on). When the
+        model is monitored, its embedding comes too and the rows go to the drift window (an append)."""
+        monitored = self.monitor is not None and self.monitor.monitors(model)
         try:
-            return await self.runner.run(model, images)
+            if not monitored:
+                return await self.runner.run(model, images)
+            logits, probs, embedding = await self.runner.run(model.with_embedding, images)
+            self.monitor.observe(model, images, probs, embedding)
+            return logits, probs
         except ModelError as exc:
             raise V2Error(400, str(exc)) from None
         except Exception as exc:  # ONNX Runtime failures: a server-side error, the server keeps serving
@@ -292,6 +343,11 @@ class Service:
             try:
                 path, version, _ = self.source.locate()
                 if version == old.version or (version is None and sha256_file(path) == old.sha256):
+                    if self.last_swap is not None and not self.last_swap["ok"]:  # repaired: the error is over
+                        self.last_swap = {"ok": True, "from": old.version, "to": old.version, "at": _now(),
+                                          "note": f"the source names the served version {old.version} again"}
+                        log.info("the model source names the served version %s again", old.version,
+                                 extra={"event": "swap", "ok": True, "from": old.version, "to": old.version})
                     return {"changed": False, "version": old.version}
                 new = await asyncio.to_thread(load, self.source, self.name, self.threads, self.runner.max_batch)
             except (ModelError, registry.RegistryError, OSError) as exc:
@@ -302,6 +358,8 @@ class Service:
                 self.on_swap(old, None, error)
                 return {"changed": False, "version": old.version, "error": error}
             self.current = new  # one assignment: new requests get the new model, running ones finish on the old
+            if self.monitor is not None:
+                self.monitor.attach(new)  # a new window, against the new model's reference
             seconds = round(time.perf_counter() - started, 3)
             self.last_swap = {"ok": True, "from": old.version, "to": new.version, "at": _now(), "seconds": seconds}
             log.info("hot swap: %s -> %s", old.version, new.version,

@@ -20,8 +20,16 @@ def promote_cmd(
     from tasks import registry
 
     root = registry_root(params, override=registry_)
+    try:
+        registry.read_champion(root)
+        damaged = None
+    except registry.DamagedAlias as exc:  # promoting by hand is the repair
+        damaged = str(exc).split("; repair")[0]
     alias, changed = registry.promote(root, version, reason="promoted by hand (finetune promote)", by_hand=True)
     previous = alias["history"][-1] if alias["history"] else "none"
+    if damaged:
+        typer.echo(f"champion: {alias['version']} (the alias is repaired; it was damaged: {damaged})  [{root}]")
+        return
     typer.echo(f"champion: {alias['version']}" + (f" (was {previous})" if changed else " (already the champion)")
                + f"  [{root}]")
 
@@ -52,16 +60,26 @@ def registry_list(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOp
     if not versions:
         typer.echo(f"registry {root}: no versions yet")
         return
-    alias = registry.read_champion(root)
+    try:
+        alias, damaged = registry.read_champion(root), None
+    except registry.DamagedAlias as exc:  # still list: the listing is how to choose the version that repairs it
+        alias, damaged = None, str(exc)
     champ = alias["version"] if alias else None
     typer.echo("   version  created                    accuracy  macro_f1  source    onnx sha256")
     for v in versions:
-        meta = registry.read_metadata(root, v)
+        try:
+            meta = registry.read_metadata(root, v)
+        except registry.RegistryError as exc:
+            typer.echo(f"{'*' if v == champ else ' '}  {v:7}  ({exc})")
+            continue
         m = meta.get("metrics") or {}
         fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"  # noqa: E731
         typer.echo(f"{'*' if v == champ else ' '}  {v:7}  {str(meta.get('created_at', '?')):25}  "
                    f"{fmt(m.get('accuracy')):8}  {fmt(m.get('macro_f1')):8}  {str(meta.get('source', '?')):8}  "
                    f"{str(meta.get('onnx_sha256', ''))[:12]}")
+    if damaged:
+        typer.echo(f"champion: none usable: {damaged}")
+        return
     typer.echo(f"champion: {champ or 'none'}" + (f" (history: {', '.join(alias['history'])})"
                                                  if alias and alias["history"] else "") + f"  [{root}]")
 

@@ -58,3 +58,28 @@ def validate_path(path: Path, params: ValidateParams, out_dir: Path, max_pixels:
     outcome.time_s = time.perf_counter() - start
     validate_mod.write_reports(outcome, out_dir / "manifest.csv", out_dir / "validation.json", out_dir / "validation.md")
     return outcome
+
+
+def check_labels(path: Path, outcome: validate_mod.ValidationOutcome, params: Params, out_dir: Path,
+                 reviewed: Path | None = None, cache_dir: Path | None | str = "auto") -> dict:
+    """The label_issues stage's checks on what `validate_path` validated: the backbone named in `params.model`
+    (fetch_model's `tasks.backbones.create`, verified), features cached by content, every check of
+    `params.label_issues`. Reports go to `out_dir` (label_issues.json/.md/.png, flagged.csv); returns the JSON's
+    content (its `status` is blocked when label_issues.mode is block and flagged files are not reviewed)."""
+    from tasks import backbones
+    from tasks.features import backbone, cache_root
+    from tasks.label_issues import inspect, verdict
+    from tasks.label_issues.report import summary, write_all
+    from tasks.reviewed import read_reviewed
+
+    data_dir = Path(path) if Path(path).is_dir() else Path(path).parent  # manifest paths are relative to its folder
+    m, li = params.model, params.label_issues
+    model, meta = backbones.create(m.source, m.arch, m.weights, m.sha256)
+    cache = cache_root(out_dir) if cache_dir == "auto" else cache_dir
+    found, context = inspect(backbone(model, meta, li.image_size), outcome.manifest, data_dir, li, params.seed,
+                             set(read_reviewed(reviewed)), cache, min(8, os.cpu_count() or 1), params.data.max_pixels)
+    status, blocking = verdict(found, li)
+    data = summary(found, li.mode, status, blocking, context)
+    write_all(data, found, data_dir, out_dir, out_dir / "flagged.csv", str(reviewed or "a review list"),
+              params.data.max_pixels)
+    return data

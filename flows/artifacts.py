@@ -34,6 +34,30 @@ def validation(root: Path) -> None:
                              description="Data validation (Great Expectations)")
 
 
+def label_issues(root: Path, failed: bool) -> None:
+    """The likely label errors (worst first), the same table as the stage's Markdown report, plus its summary and
+    thumbnail grid."""
+    path = root / stages.path("label_issues_json")
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    rows = [{k: r[k] for k in ("rank", "path", "split", "given", "suggested", "label_quality")}
+            for r in data.get("label_issues", [])[:200]]
+    c = data.get("counts", {})
+    what = (f"{c.get('label_issues', 0)} likely label errors, {c.get('near_duplicates', 0)} near-duplicate pairs "
+            f"across splits, {c.get('outliers', 0)} outliers ({data.get('status')}{', failed' if failed else ''})")
+    if rows:
+        create_table_artifact(key="label-issues", table=rows, description=f"Label issues: {what}")
+    report = root / stages.path("label_issues_md")
+    if report.exists():
+        create_markdown_artifact(key="label-issues-report", markdown=report.read_text(),
+                                 description=f"Label issues: {what}")
+    png = root / stages.path("label_issues_png")
+    if rows and png.exists() and png.stat().st_size <= IMAGE_INLINE_MAX:
+        uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        create_image_artifact(image_url=uri, key="label-issues-thumbnails", description=f"Worst-ranked files ({png})")
+
+
 def training(root: Path) -> None:
     """Per-epoch training metrics (what `dvc plots show` draws), one row per epoch."""
     path = root / stages.path("history")
@@ -97,6 +121,8 @@ def lineage(entry: dict) -> None:
         "flow run URL": entry["flow_run"].get("url"),
         "deployment": entry["flow_run"].get("deployment"),
     }
+    if entry.get("trigger"):
+        flat["trigger"] = json.dumps(entry["trigger"], sort_keys=True)
     create_table_artifact(key="lineage", table=[{"what": k, "value": str(v)} for k, v in flat.items()],
                           description="Lineage of this run's model (also in the registry's lineage/ folder)")
 
@@ -106,6 +132,12 @@ def run_params(changes: list[str], params_sha256: str) -> None:
         f"\n\nparams.yaml sha256 `{params_sha256}`"
     create_markdown_artifact(key="run-params", markdown="Overrides written into params.yaml:\n\n" + text,
                              description="What this run set (DVC records the file)")
+
+
+def trigger(cause: dict, line: str) -> None:
+    """Why a retraining run ran when the model server started it (a drift alarm): the line and the whole record."""
+    create_markdown_artifact(key="trigger", markdown=f"{line}\n\n```json\n{json.dumps(cause, indent=2)}\n```",
+                             description="Why this run ran: the model server's drift alarm")
 
 
 def outcome(line: str) -> None:

@@ -45,6 +45,7 @@ from tasks import lineage
 from tasks.files import read_json
 from tasks.params import OrchestrationParams, Params, prepare_change
 from tasks.registry import read_metadata, resolve_root
+from tasks.reviewed import ensure_review_list
 from tasks.stages import STAGES, Stage, path
 
 OUTPUTS = {k: path(k) for k in ("model", "model_int8", "model_card", "metrics", "verdict", "verdict_md",
@@ -168,6 +169,8 @@ def publish_stage(stage: str, root: Path, failed: bool) -> None:
     """The artifacts of one stage's outputs, as soon as it is done (or has failed)."""
     if stage == "validate":
         artifacts.validation(root)
+    elif stage == "label_issues":
+        artifacts.label_issues(root, failed)
     elif stage == "train" and not failed:
         artifacts.training(root)
     elif stage == "evaluate":
@@ -181,6 +184,7 @@ def publish_stage(stage: str, root: Path, failed: bool) -> None:
 def run_stages(root: Path, orchestration: OrchestrationParams) -> dict[str, str]:
     """Every stage in order, each through DVC with its retry policy and the stage timeout."""
     ran: dict[str, str] = {}
+    ensure_review_list(root / path("label_reviewed"))  # a DVC dependency; ingest makes it, but it may be deleted
     for stage in STAGES:
         try:
             ran[stage.name] = stage_task(stage, orchestration)(stage.name, str(root), orchestration.stage_timeout_s)
@@ -229,8 +233,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def record_lineage(root: Path, p: Params, promotion: dict, promote_ran: bool) -> dict:
-    """Lineage of the promoted version, on the flow run (artifact) and in the registry (lineage/)."""
+def record_lineage(root: Path, p: Params, promotion: dict, promote_ran: bool, trigger: dict | None = None) -> dict:
+    """Lineage of the promoted version, on the flow run (artifact) and in the registry (lineage/); `trigger`: why the
+    run ran (the retraining flow: new data, forced, or a drift alarm with its p-values and window)."""
     reg = registry_root(root, p)
     run = _runtime()
     entry = {
@@ -243,14 +248,17 @@ def record_lineage(root: Path, p: Params, promotion: dict, promote_ran: bool) ->
         "flow_run": {"id": str(run["flow_run_id"] or ""), "name": run["flow_run_name"], "url": run["url"],
                      "flow": run["flow"], "deployment": run["deployment"]},
     }
+    if trigger is not None:
+        entry["trigger"] = trigger
     if promote_ran or lineage.latest(reg, promotion["version"]) is None:
         lineage.record(reg, promotion["version"], entry)
     artifacts.lineage(entry)
     return entry
 
 
-def pipeline_body(root: Path, p: Params) -> dict:
-    """The stages, then what the run page and the caller need: metrics, promotion, lineage, summary."""
+def pipeline_body(root: Path, p: Params, trigger: dict | None = None) -> dict:
+    """The stages, then what the run page and the caller need: metrics, promotion, lineage (with `trigger`, why the
+    run ran), summary."""
     from flows import notify
 
     ran = run_stages(root, p.orchestration)
@@ -258,7 +266,7 @@ def pipeline_body(root: Path, p: Params) -> dict:
     promotion = read_json(root / OUTPUTS["promotion"])
     line = promotion_line(promotion)
     artifacts.registry_version(registry_root(root, p) / "versions" / promotion["version"], promotion, line)
-    entry = record_lineage(root, p, promotion, ran["promote"] == "ran")
+    entry = record_lineage(root, p, promotion, ran["promote"] == "ran", trigger)
     if promotion["promoted"] and ran["promote"] == "ran":
         notify.emit_promotion(root, promotion, line, entry["flow_run"].get("url"))
     outputs = {k: str((root / v).resolve()) for k, v in OUTPUTS.items()}

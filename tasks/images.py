@@ -26,7 +26,8 @@ class ImageError(ValueError):
     """A file that is not a usable image; the message names the file and the reason."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded mode -> RGB: 16-bit and float scaled to 8 bits, palette expanded, alpha composited onto black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -59,7 +60,7 @@ def open_rgb(source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
                 raise ImageError(f"{path}: {img.width}x{img.height} exceeds the pixel limit {max_pixels}")
             img.load()
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:

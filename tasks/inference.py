@@ -4,7 +4,8 @@ What serving, batch prediction and the gate's champion scoring share. It imports
 prefect (a test checks), so a serving image needs only onnxruntime, numpy and Pillow. Everything a
 consumer needs is in the ONNX file's metadata: `classes` (JSON list, the output order),
 `preprocessing` (the `tasks.preprocess.Preprocessing` record) and the lineage the export wrote.
-The graph takes uint8 images and outputs `logits` and `probabilities` (softmax inside the graph).
+The graph takes uint8 images and outputs `logits` and `probabilities` (softmax inside the graph), and, when exported
+with a drift reference, `embedding` (the pooled features the server's drift monitoring tests: tasks/drift.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tasks.preprocess import Preprocessing
 
 INPUT = "image"
 OUTPUTS = ("logits", "probabilities")
+EMBEDDING = "embedding"  # the optional third output: pooled features before the classifier
 
 
 class ModelError(ValueError):
@@ -76,6 +78,7 @@ class OnnxClassifier:
             raise ModelError(f"{self.path}: expected input '{INPUT}' and outputs {list(OUTPUTS)}, found "
                              f"{sorted(names[0])} and {sorted(names[1])}")
         self.batch_size = batch_size
+        self.has_embedding = EMBEDDING in names[1]
 
     def load(self, source: str | Path | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """A file -> this model's input (uint8, (3, size, size)), through the one decode path."""
@@ -83,20 +86,36 @@ class OnnxClassifier:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images (N, 3, size, size) -> (logits, probabilities), in batches of `batch_size`."""
+        logits, probs = self._outputs(self._checked(images), OUTPUTS)
+        return logits, probs
+
+    def run_with_embedding(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 images -> (logits, probabilities, embedding), for a model exported with its `embedding` output."""
+        if not self.has_embedding:
+            raise ModelError(f"{self.path}: no '{EMBEDDING}' output (exported without a drift reference)")
+        logits, probs, embedding = self._outputs(self._checked(images), OUTPUTS + (EMBEDDING,))
+        return logits, probs, embedding
+
+    def _checked(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         expected = (3, self.preprocessing.size, self.preprocessing.size)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise ModelError(f"input must be uint8 of shape (N, {', '.join(map(str, expected))}), got "
                              f"{images.dtype} {tuple(images.shape)}")
-        if len(images) == 0:
-            k = len(self.classes)
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.float32)
-        logits, probs = [], []
-        for start in range(0, len(images), self.batch_size):
-            out = self.session.run(list(OUTPUTS), {INPUT: images[start : start + self.batch_size]})
-            logits.append(out[0])
-            probs.append(out[1])
-        return np.concatenate(logits), np.concatenate(probs)
+        return images
+
+    def _outputs(self, images: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:
+        if len(images) == 0:  # ONNX Runtime's answer to an empty batch varies by graph: shape the empty outputs here
+            return [np.zeros((0, self._width(name)), np.float32) for name in names]
+        parts = [self.session.run(list(names), {INPUT: images[start : start + self.batch_size]})
+                 for start in range(0, len(images), self.batch_size)]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(names))]
+
+    def _width(self, name: str) -> int:
+        if name in OUTPUTS:
+            return len(self.classes)
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == name)
+        return shape[1] if isinstance(shape[1], int) else 0
 
     def predict_files(self, paths: Iterable[str | Path], workers: int = 4,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[FilePrediction]:

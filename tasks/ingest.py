@@ -9,7 +9,8 @@ The manifest records, per image: path (relative to the images folder), label, sp
 `probe_image` finds (size, mode, bytes, sha256, decodes_ok, error). Broken, missing or unreadable
 images are recorded, not dropped: the validate stage decides what to do with them. The declared
 classes are every class the source names (a folder source's sub-folders, empty ones included), so
-validation can tell that a class has no images.
+validation can tell that a class has no images. It also creates the label review list (`path,note`, header only)
+when there is none: the label_issues stage depends on it, and a person adds the files they accept to it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tasks.entry import stage_main
 from tasks.files import atomic_dir, atomic_path, write_json
 from tasks.images import DEFAULT_MAX_PIXELS, probe_image
 from tasks.params import DataParams, Params, stratify_columns
+from tasks.reviewed import ensure_review_list
 from tasks.sources.common import SourceError, given_splits
 from tasks.sources.readers import read_source
 
@@ -125,8 +127,9 @@ def materialise(df: pd.DataFrame, images_dir: Path) -> pd.DataFrame:
 def run(source: str, path: str | None, task: str, defect_threshold: float, test: float, val: float,
         stratify_by: list[str], seed: int, workers: int, images_dir: Path, manifest_path: Path,
         max_pixels: int = DEFAULT_MAX_PIXELS, classes_path: Path | None = None,
-        manifest_name: str = "manifest.csv") -> pd.DataFrame:
-    """The ingest stage: read the source, split, probe, materialise images, the manifest and the classes."""
+        manifest_name: str = "manifest.csv", reviewed_path: Path | None = None) -> pd.DataFrame:
+    """The ingest stage: read the source, split, probe, materialise images, the manifest and the classes (and an
+    empty label review list at `reviewed_path` when there is none)."""
     table = read_source(DataParams(source=source, path=path, task=task, defect_threshold=defect_threshold,
                                    manifest=manifest_name))
     classes = table.class_names()
@@ -140,6 +143,8 @@ def run(source: str, path: str | None, task: str, defect_threshold: float, test:
         manifest.drop(columns=["source"]).to_csv(tmp, index=False)
     if classes_path is not None:
         write_json(classes_path, {"classes": classes, "source": source, "given_splits": named})
+    if reviewed_path is not None and ensure_review_list(reviewed_path):
+        log.info("ingest: created an empty label review list %s (path,note)", reviewed_path)
     counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
     log.info("ingest: split counts\n%s", counts.to_string())
     return manifest
@@ -153,7 +158,7 @@ def _from_params(p: Params, args: Namespace) -> None:
     d = p.data
     run(d.source, d.path, d.task, d.defect_threshold, d.split.test, d.split.val, stratify_columns(d), p.seed,
         d.workers, args.images, args.manifest, max_pixels=d.max_pixels, classes_path=args.classes,
-        manifest_name=d.manifest)
+        manifest_name=d.manifest, reviewed_path=args.reviewed)
 
 
 if __name__ == "__main__":

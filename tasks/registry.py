@@ -5,6 +5,7 @@ Layout under the registry root (`registry.root`, default `registry/` in the proj
     versions/v0001/model.onnx          the exported model (uint8 input, metadata inside)
     versions/v0001/model.int8.onnx     the INT8 model, when export kept one
     versions/v0001/model_card.md
+    versions/v0001/drift_reference.npz the drift reference the model's metadata names (and .int8.npz, the INT8 one's)
     versions/v0001/metadata.json       metrics, gate verdict, checkpoint and ONNX sha256, params hash,
                                        data version, git commit, created_at
     versions/v0001/predictions.csv     the model's per-image test predictions
@@ -51,6 +52,11 @@ class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message names the file or version and the fix."""
 
 
+class DamagedAlias(RegistryError):
+    """champion.json exists but cannot be used (not JSON, bad fields, or it names a missing version); the message
+    says how to repair it: `finetune promote VERSION` rewrites the alias."""
+
+
 def resolve_root(params_path: str | Path, root: str | Path) -> Path:
     """`registry.root` from a params file: relative to that file's folder (the project folder)."""
     return Path(root) if Path(root).is_absolute() else Path(params_path).parent / root
@@ -62,7 +68,7 @@ def version_name(number: int) -> str:
 
 def parse_version(text: str) -> str:
     """'3', 'v3', 'v0003' -> 'v0003'."""
-    m = re.fullmatch(r"v?(\d+)", str(text).strip())
+    m = re.fullmatch(r"v?(\d{1,9})", str(text).strip())  # 9 digits: never a number Python refuses to parse
     if not m or int(m.group(1)) < 1:
         raise RegistryError(f"'{text}' is not a version: use a number such as 3, v3 or v0003")
     return version_name(int(m.group(1)))
@@ -124,23 +130,49 @@ def _read_json(path: Path) -> dict:
 
 
 def read_champion(root: str | Path) -> dict | None:
-    """The alias (`version`, `path`, `history`, `updated_at`), or None when nothing was promoted yet."""
+    """The alias (`version`, `path`, `history`, `updated_at`), or None when nothing was promoted yet.
+    `DamagedAlias` (saying how to repair it) when the file is unusable or names a missing version."""
     path = Path(root) / CHAMPION
     if not path.exists():
         return None
-    data = _read_json(path)
+    try:
+        data = _read_json(path)
+    except RegistryError as exc:
+        raise DamagedAlias(f"{exc}{repair_hint(root)}") from None
     version, history = data.get("version"), data.get("history", [])
     if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise RegistryError(f"{path}: 'version' should be a version name such as v0001, got {version!r}")
-    if not isinstance(history, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in history):
-        raise RegistryError(f"{path}: 'history' should be a list of version names, got {history!r}")
-    rolled_back = data.get("rolled_back", [])
-    if not isinstance(rolled_back, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in rolled_back):
-        raise RegistryError(f"{path}: 'rolled_back' should be a list of version names, got {rolled_back!r}")
+        raise DamagedAlias(f"{path}: 'version' should be a version name such as v0001, got {version!r}"
+                           f"{repair_hint(root)}")
+    for key in ("history", "rolled_back"):
+        value = data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and VERSION_RE.match(v) for v in value):
+            raise DamagedAlias(f"{path}: '{key}' should be a list of version names, got {value!r}{repair_hint(root)}")
     if not (Path(root) / "versions" / version).is_dir():
-        raise RegistryError(f"{path} names version {version}, which is not in {Path(root) / 'versions'}")
-    return {"version": version, "history": history, "rolled_back": rolled_back,
+        raise DamagedAlias(f"{path} names version {version}, which is not in {Path(root) / 'versions'}"
+                           f"{repair_hint(root)}")
+    return {"version": version, "history": history, "rolled_back": data.get("rolled_back", []),
             **{k: v for k, v in data.items() if k not in ("version", "history", "rolled_back")}}
+
+
+def repair_hint(root: str | Path) -> str:
+    known = list_versions(root)
+    return (f"; repair the alias with `finetune promote VERSION` (versions: {', '.join(known) or 'none'})"
+            if known else "; no version is left to promote: register one (`finetune registry add MODEL.onnx`)")
+
+
+def salvage_alias(root: str | Path) -> dict:
+    """What a damaged alias still says that holds: its history and rolled-back marks, for versions that exist."""
+    try:
+        data = json.loads((Path(root) / CHAMPION).read_text())
+    except (OSError, ValueError):
+        data = {}
+    existing = set(list_versions(root))
+
+    def kept(key: str) -> list[str]:
+        value = data.get(key) if isinstance(data, dict) else None
+        return [v for v in value if isinstance(v, str) and v in existing] if isinstance(value, list) else []
+
+    return {"version": None, "history": kept("history"), "rolled_back": kept("rolled_back")}
 
 
 def rolled_back_checkpoints(root: str | Path) -> dict[str, str]:
@@ -222,6 +254,8 @@ def promote(root: str | Path, version: str | None = None, reason: str = "",
     `expected`: the champion the caller judged against (None: no champion); if the alias names
     another version now, nothing changes and RegistryError says so (a conditional update).
     A rolled-back version is refused unless `by_hand` (a person's decision, which also clears the mark).
+    A damaged alias (`DamagedAlias`) is repaired when no `expected` champion is given: the new alias keeps what
+    still holds of the old one's history.
     Returns (the new alias, whether it changed). Promoting the current champion changes nothing."""
     root = Path(root)
     with _locked(root):
@@ -231,7 +265,12 @@ def promote(root: str | Path, version: str | None = None, reason: str = "",
                                 "add MODEL.onnx`)")
         version = parse_version(version) if version is not None else versions[-1]
         version_dir(root, version)
-        current = read_champion(root)
+        try:
+            current = read_champion(root)
+        except DamagedAlias:
+            if expected is not ANY:  # a conditional promotion (the pipeline's) cannot know what it compared with
+                raise
+            current = salvage_alias(root)
         now = current["version"] if current else None
         if expected is not ANY and now != expected and now != version:
             raise RegistryError(f"the champion changed since the gate judged {version}: it compared against "
@@ -245,7 +284,10 @@ def promote(root: str | Path, version: str | None = None, reason: str = "",
             if rolled_back != current["rolled_back"]:
                 return _write_alias(root, version, current["history"], reason, rolled_back), False
             return current, False
-        history = (current["history"] + [current["version"]]) if current else []
+        if current and current["version"] is None:  # repairing: the history that still exists, without this one
+            history = [v for v in current["history"] if v != version]
+        else:
+            history = (current["history"] + [current["version"]]) if current else []
         return _write_alias(root, version, history, reason or f"promoted {version}", rolled_back), True
 
 

@@ -21,6 +21,15 @@ FILES: dict[str, tuple[str, str]] = {
     "validation_md": ("reports/validation/validation.md", "validation summary (validate)"),
     "data_docs": ("reports/validation/docs", "Great Expectations Data Docs (validate)"),
     "base": ("models/base", "pretrained weights and their metadata (fetch_model)"),
+    "label_reviewed": ("data/label_reviewed.csv", "files a person accepted as labelled (path,note; yours to edit: "
+                       "label_issues does not flag them again)"),
+    "label_issues": ("reports/label_issues", "likely label errors, near-duplicates and outliers (label_issues)"),
+    "label_issues_json": ("reports/label_issues/label_issues.json", "label-issue results (label_issues)"),
+    "label_issues_md": ("reports/label_issues/label_issues.md", "label-issue report (label_issues)"),
+    "label_issues_png": ("reports/label_issues/label_issues.png", "thumbnails of the likely label errors "
+                         "(label_issues)"),
+    "label_issues_csv": ("data/label_issues.csv", "the flagged files as a manifest: path,label,split + the suggested "
+                         "label (label_issues)"),
     "checkpoint": ("models/model.pt", "trained checkpoint (train)"),
     "train_summary": ("reports/train/summary.json", "training summary (train)"),
     "history": ("reports/train/history.csv", "per-epoch CSV (train)"),
@@ -34,6 +43,8 @@ FILES: dict[str, tuple[str, str]] = {
     "model": ("models/model.onnx", "the exported ONNX model (export)"),
     "model_int8": ("models/int8", "the INT8 model's folder (export)"),
     "model_card": ("models/model_card.md", "the model card (export)"),
+    "drift_reference": ("models/drift_reference.npz", "the drift reference beside the model: PCA of the training "
+                        "embeddings, validation outputs (export; the model's metadata names it)"),
     "export_report": ("reports/export.json", "parity + INT8 report (export)"),
     "promotion": ("reports/promote.json", "what was registered and promoted (promote)"),
 }
@@ -85,8 +96,9 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "tasks.ingest", "Materialise the data source as an image folder + split manifest.",
-          {"images": "images", "manifest": "manifest", "classes": "classes"},
-          writes=("images", "manifest", "classes"), retries=True),
+          {"images": "images", "manifest": "manifest", "classes": "classes", "reviewed": "label_reviewed"},
+          writes=("images", "manifest", "classes"), retries=True,
+          extra_help={"reviewed": "the label review list (path,note), created empty when there is none"}),
     Stage("validate", "tasks.validate.stage", "Run the Great Expectations suite; write the validated manifest "
           "and reports.",
           {"manifest": "manifest", "images": "images", "classes": "classes", "out_manifest": "validated",
@@ -94,6 +106,11 @@ STAGES: tuple[Stage, ...] = (
           writes=("validated", "validation", "validation_json", "validation_md", "data_docs")),
     Stage("fetch_model", "tasks.fetch_model", "Resolve and verify the pretrained weights named in `model.*`.",
           {"out_dir": "base"}, writes=("base",), retries=True),
+    Stage("label_issues", "tasks.label_issues.stage", "Find likely label errors, near-duplicates across splits and "
+          "outliers on frozen pretrained features; block mode stops the run before training.",
+          {"manifest": "validated", "images": "images", "base": "base", "reviewed": "label_reviewed",
+           "out_dir": "label_issues", "flagged": "label_issues_csv"},
+          writes=("label_issues", "label_issues_json", "label_issues_md", "label_issues_png", "label_issues_csv")),
     Stage("train", "tasks.train.stage", "Staged fine-tuning (frozen, then unfrozen); writes the checkpoint.",
           {"manifest": "validated", "images": "images", "base": "base", "checkpoint": "checkpoint",
            "metrics": "train_summary", "history": "history"},
@@ -111,7 +128,7 @@ STAGES: tuple[Stage, ...] = (
           {"checkpoint": "checkpoint", "manifest": "validated", "images": "images", "verdict": "verdict",
            "metrics": "metrics", "onnx_path": "model", "int8_dir": "model_int8", "model_card": "model_card",
            "report": "export_report"},
-          writes=("model", "model_int8", "model_card", "export_report")),
+          writes=("model", "model_int8", "model_card", "export_report", "drift_reference")),
     Stage("promote", "tasks.promote.stage", "Register the exported model and make it the champion.",
           {"onnx_path": "model", "int8_dir": "model_int8", "model_card": "model_card", "verdict": "verdict",
            "metrics": "metrics", "predictions": "predictions", "images": "images", "report": "promotion"},

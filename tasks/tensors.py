@@ -93,7 +93,13 @@ def apply_variant(x: torch.Tensor, variant: int) -> torch.Tensor:
     """Variant v (0..7) of the dihedral group of a square batch (N, C, H, W): rotate by (v % 4) * 90 degrees, then
     mirror left-right if v >= 4. Variant 0 is the identity, 4 the horizontal flip. Used by training's augmentation
     and by test-time augmentation (`tasks.tta`)."""
-    x = torch.rot90(x, variant % 4, dims=(2, 3)) if variant % 4 else x
+    turns = variant % 4  # rot90 as flips and a transpose: the same values, and ONNX's classic exporter knows them
+    if turns == 1:
+        x = x.flip(3).transpose(2, 3)
+    elif turns == 2:
+        x = x.flip(2).flip(3)
+    elif turns == 3:
+        x = x.transpose(2, 3).flip(3)
     return torch.flip(x, dims=(3,)) if variant >= 4 else x
 
 

@@ -76,6 +76,23 @@ def browser():
 
 
 @pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    """One tiny project (tests/test_end_to_end.py `new_project`) trained end to end by `dvc repro`, once per session.
+    Tests that change a project take a copy (`copy_project`), never this one."""
+    from tests.test_end_to_end import dvc, new_project
+
+    root = new_project(tmp_path_factory.mktemp("trained") / "tiny")
+    dvc("repro", cwd=root)
+    return root
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    """A copy of a git + DVC project folder, outputs, DVC cache and registry included (DVC rehashes by content)."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (SQLite) for the whole session; starting one takes ~20 s."""
     from prefect.testing.utilities import prefect_test_harness

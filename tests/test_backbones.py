@@ -346,6 +346,36 @@ def test_checkpoint_from_a_url_is_downloaded_once_verified_and_cached(tmp_path, 
     assert torch.equal(local.classifier.weight, state["classifier.weight"])
 
 
+def test_checkpoint_from_a_plain_http_server_without_range_support(tmp_path, torch_home):
+    """Issue 32: `python -m http.server` answers every request with the whole file (no Range support); fsspec's
+    default random-access reader refused it. A download reads the file once, in order: streamed, it works."""
+    import functools
+    import http.server
+    import threading
+
+    from tasks.backbones.weights import fetch_file
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # the standard library's server: no Range support
+        def log_message(self, *args):
+            pass
+
+    path = tmp_path / "www" / "eff.pt"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(7 << 20))  # over fsspec's 5 MiB block: its reader would ask for a range
+    digest = sha256_file(path)
+    handler = functools.partial(Quiet, directory=str(path.parent))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}/eff.pt"
+            file, sha = fetch_file(url, digest, offline=False)
+        finally:
+            server.shutdown()
+            thread.join(30)
+    assert sha == digest and file.parent == torch_home and sha256_file(file) == digest
+
+
 def test_checkpoint_head_size_comes_from_the_file(tmp_path):
     import timm
 

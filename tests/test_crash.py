@@ -13,6 +13,7 @@ import pytest
 
 from tasks import registry
 from tasks.params import write_overrides
+from tests.conftest import copy_project
 from tests.test_end_to_end import dvc, new_project, read, sh, stages_run
 
 pytestmark = pytest.mark.slow
@@ -34,11 +35,9 @@ LEFTOVERS = (".*.tmp", ".staging-*", "*.tmp", "*.old")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = new_project(tmp_path_factory.mktemp("crash") / "p")
-    write_overrides(root / "params.yaml", ["export.int8=false"])
-    dvc("repro", cwd=root)
-    return root
+def project(trained_tiny, tmp_path_factory):
+    """A copy of the session's tiny project, trained end to end by `dvc repro`."""
+    return copy_project(trained_tiny, tmp_path_factory.mktemp("crash") / "p")
 
 
 def leftovers(root):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from google.protobuf import text_format
 
-from deploy.server import build_parser
+from deploy.server import TOKEN_ENV, build_parser
 from deploy.triton import TritonExportError, export
 from tasks import registry
 from tasks.inference import ModelError, OnnxClassifier
@@ -102,6 +102,10 @@ def test_the_image_is_slim_non_root_healthchecked_and_runs_the_server():
     args = build_parser().parse_args(entry[3:] + cmd)  # options the server really has
     assert (args.host, args.port, args.model) == ("0.0.0.0", 8080, "champion")
     assert any(w == "EXPOSE" and a == "8080" for w, a in steps)
+    # every interface needs a token (the server refuses without one): the file shows how to pass it
+    assert not args.allow_unauthenticated and args.token_file is None
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "--token-file /run/secrets/serve-token" in text and "FINETUNE_SERVE_TOKEN=" in text
 
 
 def test_kserve_manifest_runs_our_container_with_options_routes_and_port_the_server_has():
@@ -112,6 +116,9 @@ def test_kserve_manifest_runs_our_container_with_options_routes_and_port_the_ser
     args = build_parser().parse_args(["--host", "0.0.0.0", "--port", "8080", *container["args"]])
     assert args.model.startswith("/mnt/models/")  # where KServe's storage initializer puts STORAGE_URI
     assert any(e["name"] == "STORAGE_URI" for e in container["env"])
+    token = next(e for e in container["env"] if e["name"] == TOKEN_ENV)  # the server binds 0.0.0.0: a token, from a
+    assert set(token["valueFrom"]["secretKeyRef"]) == {"name", "key"}    # Secret, not the manifest
+    assert not args.allow_unauthenticated
     assert [p["containerPort"] for p in container["ports"]] == [8080]
     routes = route_paths()
     for probe in ("readinessProbe", "livenessProbe"):

@@ -94,7 +94,7 @@ def test_fresh_session_given_only_the_file_predicts_like_pytorch(setup, exported
     files = [data / "images" / p for p in manifest["path"]]
     batch = np.stack([load_for_model(f, size) for f in files])
     assert sess.get_inputs()[0].type == "tensor(uint8)"
-    logits, probs = sess.run(None, {"image": batch})
+    logits, probs = sess.run(["logits", "probabilities"], {"image": batch})
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     model, ck = load_checkpoint(ckpt)
     with torch.no_grad():
@@ -225,7 +225,8 @@ def test_int8_kept_with_metadata_and_quantization_entry(setup, exported):
     assert entry["accuracy_drop"] == pytest.approx(report["onnx_accuracy"] - entry["accuracy"])
     onnx.checker.check_model(str(int8_path))
     fp32_meta, int8_meta = read_metadata(path), read_metadata(int8_path)
-    assert {k: v for k, v in int8_meta.items() if k != "quantization"} == fp32_meta  # same contract and lineage
+    own = ("quantization", "drift_reference")  # the INT8 model's own: its recipe, its outputs' drift reference
+    assert {k: v for k, v in int8_meta.items() if k not in own} == {k: v for k, v in fp32_meta.items() if k not in own}
     q = json.loads(int8_meta["quantization"])
     assert q["format"] == "QDQ" and q["fp32_sha256"] == sha256_file(path) and q["calibration_split"] == "val"
     assert q["test"]["accuracy"] == entry["accuracy"] and q["max_accuracy_drop"] == 1.0
@@ -244,7 +245,7 @@ def test_fresh_session_given_only_the_int8_file_predicts_valid_probabilities(set
     manifest = pd.read_csv(data / "manifest.csv", keep_default_na=False)
     batch = np.stack([load_for_model(data / "images" / p, size) for p in manifest["path"]])
     assert sess.get_inputs()[0].type == "tensor(uint8)"
-    logits, probs = sess.run(None, {"image": batch})
+    logits, probs = sess.run(["logits", "probabilities"], {"image": batch})
     assert probs.shape == (len(batch), len(classes)) and np.isfinite(logits).all()
     assert (probs >= 0).all() and (probs <= 1).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -252,11 +253,51 @@ def test_fresh_session_given_only_the_int8_file_predicts_valid_probabilities(set
     assert np.abs(logits - fp32_logits).max() < 1.0  # quantized, not broken
 
 
+def test_the_model_outputs_its_pooled_features_third_and_a_drift_reference_of_its_own_lies_beside_it(setup, exported):
+    """`embedding` comes after `logits` and `probabilities` (consumers reading by position are unchanged) and holds
+    the checkpoint's pooled features; the reference beside the model is the PCA of the training embeddings and the
+    validation split's outputs through the file itself; the INT8 model has its own reference beside it."""
+    from tasks import drift
+    from tasks.tensors import normalise
+
+    root, data, ckpt = setup
+    path, report = exported
+    assert [o.name for o in session(path).get_outputs()] == ["logits", "probabilities", "embedding"]
+    model, ck = load_checkpoint(ckpt)
+    manifest = read_manifest(data / "manifest.csv")
+    val = manifest[manifest["split"] == "val"]
+    batch = DecodedOnDemand([data / "images" / p for p in val["path"]], SIZE)[0:len(val)]
+    logits, probs, emb = OnnxClassifier(path).run_with_embedding(batch.numpy())
+    with torch.no_grad():
+        x = normalise(batch, ck.preprocessing.mean, ck.preprocessing.std)
+        pooled = model.eval().forward_head(model.forward_features(x), pre_logits=True).numpy()
+    assert emb.shape == (len(val), 1280) and np.abs(emb - pooled).max() < 1e-3
+
+    meta = read_metadata(path)
+    entry = json.loads(meta[drift.METADATA_KEY])
+    assert entry["file"] == drift.REFERENCE_FILE and entry["sha256"] == sha256_file(root / drift.REFERENCE_FILE)
+    assert entry["reference_split"] == "val" and entry["n_reference"] == len(val) and entry["fit_split"] == "train"
+    assert report["drift_reference"]["sha256"] == entry["sha256"]
+    ref = drift.reference_of(path, meta)
+    assert len(ref.basis) == min(32, entry["n_fit"] - 1) == entry["components"]
+    assert np.allclose(ref.embedding, np.sort(ref.project(emb), 0), atol=1e-4)  # the validation split's outputs
+    assert np.allclose(ref.softmax[:, 0], np.sort(probs[:, 0]), atol=1e-6)
+    assert not drift.compare(ref, emb, probs, alpha=0.01).reject  # the reference is no drift from itself
+
+    int8_path = root / "int8" / INT8_FILE
+    int8_entry = json.loads(read_metadata(int8_path)[drift.METADATA_KEY])
+    assert int8_entry["file"] == drift.INT8_REFERENCE_FILE and int8_entry["precision"] == "int8"
+    int8_ref = drift.reference_of(int8_path, read_metadata(int8_path))
+    assert np.array_equal(int8_ref.basis, ref.basis) and not np.array_equal(int8_ref.embedding, ref.embedding)
+    assert report["int8"]["drift_reference"]["sha256"] == sha256_file(root / "int8" / drift.INT8_REFERENCE_FILE)
+
+
 def test_int8_outside_the_bound_is_dropped_and_a_stale_one_removed(setup, exported, tmp_path):
     root, data, ckpt = setup
     stale = tmp_path / "int8" / INT8_FILE
     stale.parent.mkdir()
     stale.write_bytes(b"an INT8 model of an older export")
+    (stale.parent / "drift_reference.int8.npz").write_bytes(b"its drift reference")  # goes with it
     # a bound no model can meet (accuracy cannot drop by less than -1) forces the drop
     report = export_run(ckpt, data / "manifest.csv", data / "images", root / "verdict.json", root / "metrics.json",
                         tmp_path / "model.onnx", tmp_path / "export.json", 18, 1e-3, 0.999,
@@ -340,3 +381,74 @@ def test_inference_reports_unreadable_files_and_wrong_inputs(setup, exported, tm
         clf.run(np.zeros((1, 3, SIZE + 1, SIZE + 1), np.uint8))
     with pytest.raises(ModelError, match="not a loadable ONNX model"):
         OnnxClassifier(bad)
+
+
+def test_the_opset_asked_for_is_the_files_or_refused_naming_the_key(setup, exported, tmp_path):
+    """Issue 32: export.opset=17 gave an opset-18 file (and an onnxscript traceback) while the report and the
+    model card said 17. Now the default (torchscript) exporter writes 17, the file says so and the report states
+    the file's opset; the dynamo exporter, which cannot write 17, is refused up front naming both keys."""
+    from tasks.params import ParamsError, load_params
+    from tests.test_params import REPO
+
+    with pytest.raises(ParamsError, match=r"export.opset: 17 cannot be written by export.exporter: dynamo"):
+        load_params(REPO / "params.yaml", ["export.opset=17", "export.exporter=dynamo"])
+    assert load_params(REPO / "params.yaml", ["export.opset=17"]).export.opset == 17
+    root, data, ckpt = setup
+    report = do_export(root, data, ckpt, out_name="opset17.onnx", opset=17)
+    assert report["opset"] == onnx_graph.onnx_opset(root / "opset17.onnx") == 17 and report["exporter"] == "torchscript"
+    assert "opset 17" in (root / "model_card.md").read_text()  # the card states the file's opset
+    with pytest.raises(ExportError, match="export.opset: 17 cannot be written by the dynamo exporter"):
+        do_export(root, data, ckpt, out_name="dynamo17.onnx", opset=17, exporter="dynamo")
+    assert not (root / "dynamo17.onnx").exists()
+    path, report = exported
+    assert report["opset"] == onnx_graph.onnx_opset(path) == 18
+
+
+def test_both_exporters_give_the_same_model_and_an_op_the_classic_one_lacks_falls_back_to_dynamo(tmp_path, caplog):
+    """The classic (torchscript) exporter and the dynamo one write graphs that compute the same logits; a model
+    using an op the classic exporter does not know is exported by dynamo, and the log says so."""
+    import onnxruntime as ort
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, rotate: bool = False):
+            super().__init__()
+            self.conv, self.rotate = torch.nn.Conv2d(3, 2, 3), rotate
+
+        def forward(self, image):
+            x = image.float()
+            x = torch.rot90(x, 1, dims=(2, 3)) if self.rotate else x  # aten::rot90: unknown to the classic one
+            logits = self.conv(x).mean((2, 3))
+            return logits, logits.softmax(-1)
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = np.random.default_rng(0).integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
+    outputs = {}
+    for exporter in ("torchscript", "dynamo"):
+        assert onnx_graph.export_onnx(model, 8, tmp_path / f"{exporter}.onnx", 19, exporter) == exporter
+        assert onnx_graph.onnx_opset(tmp_path / f"{exporter}.onnx") == 19  # a later opset is honoured
+        outputs[exporter] = ort.InferenceSession(str(tmp_path / f"{exporter}.onnx")).run(None, {"image": x})[0]
+    np.testing.assert_allclose(outputs["torchscript"], outputs["dynamo"], atol=1e-5)
+    with caplog.at_level("WARNING", logger="tasks.export"):
+        used = onnx_graph.export_onnx(Tiny(rotate=True).eval(), 8, tmp_path / "rot.onnx", 18)
+    assert used == "dynamo" and "using the dynamo exporter" in caplog.text
+    with pytest.raises(ExportError, match="set export.exporter: dynamo with export.opset 18 or more"):
+        onnx_graph.export_onnx(Tiny(rotate=True).eval(), 8, tmp_path / "rot17.onnx", 17)
+
+
+def test_under_test_time_augmentation_the_embedding_is_the_mean_over_the_views_and_onnx_agrees(setup, tmp_path):
+    from tasks.tta import with_tta
+
+    model, ck = load_checkpoint(setup[2])
+    module = onnx_graph.Deployable(with_tta(model.eval(), "hflip"), ck.preprocessing, embedding=True).eval()
+    onnx_graph.export_onnx(module, SIZE, tmp_path / "tta.onnx", 18)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 3, SIZE, SIZE), dtype=np.uint8))
+    with torch.no_grad():
+        logits, probs, emb = (t.numpy() for t in module(x))
+        plain = onnx_graph.Deployable(model, ck.preprocessing, embedding=True).eval()
+        one, mirrored = plain(x)[2].numpy(), plain(torch.flip(x, dims=[3]))[2].numpy()
+        expected_logits = with_tta(model, "hflip")(onnx_graph.normalise(x, ck.preprocessing.mean, ck.preprocessing.std))
+    assert np.abs(emb - (one + mirrored) / 2).max() < 1e-4
+    assert np.abs(logits - expected_logits.numpy()).max() < 1e-4
+    ort = session(tmp_path / "tta.onnx").run(None, {"image": x.numpy()})
+    assert [np.abs(a - b).max() < 1e-3 for a, b in zip(ort, (logits, probs, emb))] == [True] * 3

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tasks import stages
 from tasks.params import load_params, render_defaults, write_overrides
 from tests.conftest import REPO
 from tests.test_end_to_end import dvc, env, sh
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "validate", "fetch_model", "train", "evaluate", "gate", "export", "promote")
+STAGES = stages.NAMES  # ingest, validate, fetch_model, label_issues, train, evaluate, gate, export, promote
 
 # One script plays every stage; behaviour.json says, per stage: fail N times, always fail, or block until
 # the test creates `release` (recording its pid, and a child's, in `entered-<stage>`).
@@ -134,7 +135,8 @@ def test_retries_only_for_stages_that_do_io_and_never_for_the_gate(prefect_serve
                                                 "train": {"fail_times": 0}, "gate": {"fail": True}})
     with pytest.raises(StageFailed, match="stage 'gate' failed: gate failed"):
         finetune_pipeline(workdir=str(root))
-    assert counts(root) == {"ingest": 2, "validate": 1, "fetch_model": 3, "train": 1, "evaluate": 1, "gate": 1}
+    assert counts(root) == {"ingest": 2, "validate": 1, "fetch_model": 3, "label_issues": 1, "train": 1, "evaluate": 1,
+                            "gate": 1}
 
 
 def test_a_stage_over_the_timeout_is_stopped_with_its_children_and_the_next_run_works(prefect_server, tmp_path):
@@ -180,4 +182,4 @@ def test_a_failed_stage_reads_as_its_error_lines_without_tracebacks(prefect_serv
     assert "error: stage 'gate' failed: gate failed (attempt 1)" in out
     assert "Task run failed with exception: StageFailed" in out  # Prefect still reports the failure...
     assert "Traceback" not in out  # ...without a traceback
-    assert counts(root) == {s: 1 for s in STAGES[:6]}
+    assert counts(root) == {s: 1 for s in STAGES[:STAGES.index("gate") + 1]}

@@ -309,3 +309,19 @@ def test_a_killed_writers_temp_files_and_staging_folders_are_swept(tmp_path):
     src.write_bytes(b"model")
     registry.register(root, {"model.onnx": src}, {})
     assert not list(root.glob(".staging-*")) and registry.list_versions(root) == ["v0001"]
+
+
+# ---- the lock holder's record without a Prefect UI URL (issue 32) ------------------------------------
+
+
+def test_a_run_holding_the_project_is_named_without_a_url_prefect_did_not_have():
+    """Without PREFECT_UI_URL, Prefect's flow_run.ui_url is 'None/flow-runs/flow-run/<id>'; the lock-wait message
+    quoted it. A holder record leaves out anything that is not an http(s) URL (records written before the fix too)."""
+    from flows.project import describe
+
+    holder = {"flow_run_name": "brisk-otter", "deployment": "finetune-pipeline/manual", "pid": 12, "host": "box",
+              "started_at": "2026-12-06T10:00:00+00:00", "url": "None/flow-runs/flow-run/0b1c"}
+    said = describe(holder)
+    assert "None/" not in said and said.endswith("since 2026-12-06T10:00:00+00:00")
+    holder["url"] = "http://127.0.0.1:4200/flow-runs/flow-run/0b1c"
+    assert describe(holder).endswith(", http://127.0.0.1:4200/flow-runs/flow-run/0b1c")

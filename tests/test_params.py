@@ -140,3 +140,28 @@ def test_auto_defaults_fit_the_data_source():
     micrographs = DataParams(source="folder", path="/data/cells", orientation_invariant=True)
     assert augmentations(micrographs, TrainParams()) == ["hflip", "vflip", "rot90"]  # keeps the exact feature cache
     assert augmentations(folder, TrainParams(augment=["hflip"])) == ["hflip"]  # an explicit list wins
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("seed", "9" * 5000, "'seed': '999"),
+    ("seed", str(2 ** 40), "'seed': 1099511627776 (Input should be less than or equal to 4294967295)"),
+    ("registry.root", "r" * 5000, "'registry.root': 'rrr"),
+    ("registry.root", "models/" + "x" * 300, "'registry.root'"),
+    ("train.stages.0.name", "x" * 100_000, "'train.stages.0.name'"),
+    ("train.stages.0.name", "head only", "'train.stages.0.name'"),
+    ("model.arch", "x" * 100_000, "'model.arch'"),
+    ("train.stages.0.lr", ".inf", "'train.stages.0.lr': inf (Input should be a finite number)"),
+    ("data.max_pixels", "9" * 30, "'data.max_pixels'"),
+])
+def test_runaway_values_are_refused_up_front_naming_the_key(tmp_path, key, value, words):
+    """Issue 32: every string and number is bounded in the schema, so a huge value fails when params are read
+    (before any stage runs), with its key named and the value cut short, from a file and from --set alike."""
+    with pytest.raises(ParamsError) as err:
+        load_params(REPO / "params.yaml", [f"{key}={value}"])
+    assert words in str(err.value) and len(str(err.value)) < 400, str(err.value)[:500]
+    f = tmp_path / "params.yaml"
+    if key == "seed":
+        f.write_text(f"seed: {value}\n")
+        with pytest.raises(ParamsError, match="bad value for 'seed'") as err:
+            load_params(f)
+        assert len(str(err.value)) < 400

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from finetune import local_prefect as lp
-from tasks import lineage, registry
+from tasks import lineage, registry, stages
 from tasks.params import load_params, write_overrides
 from tests.conftest import REPO, make_dataset
 from tests.test_end_to_end import dvc, new_project, read
@@ -220,6 +220,9 @@ def test_a_dashboard_run_with_typed_params_does_what_dvc_repro_does_with_the_sam
     assert {"validation", "training-history", "test-metrics", "confusion-matrix", "gate-verdict", "model-card",
             "registry-version", "promotion", "lineage", "run-params"} <= set(arts)
     assert arts["confusion-matrix"].data.startswith("data:image/png;base64,")
+    history = arts["training-history"].data
+    history = json.loads(history) if isinstance(history, str) else history
+    assert len(history) == 1 and {"stage", "val_macro_f1"} <= set(history[0])  # one row per epoch: 1 head epoch
     assert "reports/validation/docs/index.html" in arts["validation"].data
     assert "versions/v0001" in arts["registry-version"].data
     assert "`train.stages.0.lr=0.02`" in arts["run-params"].data
@@ -261,13 +264,14 @@ def test_two_dashboard_runs_at_once_run_one_after_the_other(served):
 
 def test_a_failed_gate_fails_the_run_keeps_the_champion_restores_params_and_notifies(served, hook):
     root, _ = served
-    before = (root / "params.yaml").read_bytes()
+    before, onnx_before = (root / "params.yaml").read_bytes(), (root / "models/model.onnx").read_bytes()
     champion = registry.read_champion(root / "registry")["version"]
     run = finish(trigger("finetune-pipeline/manual", {"params": {"gates": {"min": {"accuracy": 1.0}}}}).id)
     assert run.state.type.value == "FAILED"
     assert "stage 'gate' failed: gate failed: accuracy" in run.state.message
     assert "params.yaml restored" in run.state.message and "gates.min.accuracy=1.0" in run.state.message
     assert (root / "params.yaml").read_bytes() == before
+    assert (root / "models/model.onnx").read_bytes() == onnx_before  # nothing exported
     assert registry.read_champion(root / "registry")["version"] == champion
     assert "# Gate verdict: FAILED" in artifacts_of(run.id)["gate-verdict"].data
     body = hook.wait_for(lambda b: b.get("flow_run") == run.name)
@@ -283,8 +287,12 @@ def test_retraining_only_on_new_data_and_promoting_only_a_winner(served, tmp_pat
     root = new_project(tmp_path / "retrain")
     write_overrides(root / "params.yaml", FAST)
     reg = root / "registry"
-    finetune_pipeline(workdir=str(root))
-    assert registry.read_champion(reg)["version"] == "v0001"
+    first = finetune_pipeline(workdir=str(root))
+    assert set(first["stages"].values()) == {"ran"} and list(first["stages"]) == list(stages.NAMES)
+    assert first["promotion"]["champion"] == "v0001" and "champion v0001" in first["summary"]
+    assert Path(first["outputs"]["model"]).is_file() and registry.read_champion(reg)["version"] == "v0001"
+    again = finetune_pipeline(workdir=str(root))  # nothing changed: every stage is up to date (dvc.lock says so)
+    assert set(again["stages"].values()) == {"skipped (up to date)"}
 
     same = finetune_retrain(workdir=str(root), params={"gates": {"min": {"accuracy": 0.6}}})
     assert not same["retrained"] and same["outcome"].startswith("no change: data raw (")

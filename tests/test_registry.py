@@ -156,6 +156,80 @@ def test_clear_errors_for_unknown_versions_and_an_empty_or_damaged_registry(tmp_
         registry.register(root, {}, {})
 
 
+def test_a_champion_alias_naming_a_missing_version_says_how_to_repair_and_promote_repairs_it(tmp_path):
+    """Issue 32: the champion's version folder deleted. Reading, rolling back and serving fail naming the fix;
+    promote N rewrites the alias, keeping what still holds of its history."""
+    import shutil
+
+    root = tmp_path / "reg"
+    for name in ("a", "b", "c"):
+        add(root, tmp_path, name)
+    registry.promote(root, "1")
+    registry.promote(root, "3")
+    shutil.rmtree(root / "versions" / "v0003")
+    fix = r"repair the alias with `finetune promote VERSION` \(versions: v0001, v0002\)"
+    with pytest.raises(registry.DamagedAlias, match=f"names version v0003, which is not in .*; {fix}"):
+        registry.read_champion(root)
+    with pytest.raises(registry.DamagedAlias, match=fix):
+        registry.rollback(root)
+    with pytest.raises(registry.DamagedAlias, match=fix):  # a conditional promotion cannot judge against it
+        registry.promote(root, "2", expected="v0003")
+    alias, changed = registry.promote(root, "2", by_hand=True)
+    assert changed and alias["version"] == "v0002" and alias["history"] == ["v0001"]
+    assert registry.read_champion(root)["version"] == "v0002" and registry.rollback(root)["version"] == "v0001"
+    (root / "champion.json").write_text("{not json")
+    with pytest.raises(registry.DamagedAlias, match=f"not valid JSON .*; {fix}"):
+        registry.read_champion(root)
+    assert registry.promote(root, "1")[0]["version"] == "v0001"  # a file that is not even JSON is repaired too
+
+
+def test_the_registry_commands_list_and_repair_a_damaged_alias(tmp_path):
+    """The CLI as an operator meets it: `registry list` still lists, `rollback` and `serve` say how to repair,
+    `promote N` repairs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tasks.promote.serving_check import ServerProcess
+    from tests.conftest import brightness_onnx
+
+    root = tmp_path / "reg"
+    for i in range(2):
+        registry.register(root, {"model.onnx": brightness_onnx(tmp_path / f"m{i}.onnx", ["a", "b"],
+                                                               threshold=100.0 + i)}, {})
+    registry.promote(root, "1")
+    registry.promote(root, "2")
+    shutil.rmtree(root / "versions" / "v0002")
+    finetune = str(Path(sys.executable).parent / "finetune")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([finetune, *args, "--registry", str(root)], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, check=False)
+
+    listed = run("registry", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "v0001" in listed.stdout and "champion: none usable:" in listed.stdout
+    assert "names version v0002, which is not in" in listed.stdout and "finetune promote VERSION" in listed.stdout
+    rolled = run("rollback")
+    assert rolled.returncode == 1 and "finetune promote VERSION" in rolled.stderr and "Traceback" not in rolled.stderr
+    with ServerProcess("champion", "--registry", str(root)) as server, pytest.raises(
+            Exception, match="exited with code 1 before it was ready: .*names version v0002, which is not in .*repair "
+                             "the alias with `finetune promote VERSION`"):
+        server.wait_ready(60)
+    server.cleanup()
+    promoted = run("promote", "1")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "champion: v0001 (the alias is repaired; it was damaged:" in promoted.stdout
+    listed = run("registry", "list")
+    assert "*  v0001" in listed.stdout and "champion: v0001" in listed.stdout
+
+
+def test_a_version_of_thousands_of_digits_is_not_a_version():
+    with pytest.raises(RegistryError, match="is not a version"):
+        registry.parse_version("9" * 5000)
+    assert registry.parse_version("v000000003") == "v0003"
+
+
 # ---- the promote stage ----------------------------------------------------------------------
 
 

@@ -216,6 +216,8 @@ BAD = {  # name -> (method, path, httpx kwargs (built when the case runs), statu
     "bad top_k": ("POST", "/api/predict?top_k=many", lambda: upload("a.png", png_bytes()), 400, "top_k"),
     "zero top_k": ("POST", "/api/predict?top_k=0", lambda: upload("a.png", png_bytes()), 400,
                    "top_k must be at least 1"),
+    "a float for a UINT8 input": ("POST", "/v2/models/clf/infer", lambda: {"content": v2_body([1, 3, 32, 32],
+                                  fill=1.7)}, 400, "data is not UINT8 (UINT8 takes integers from 0 to 255, got 1.7)"),
     "unknown route": ("GET", "/v3/models", dict, 404, "no route GET /v3/models"),
     "wrong method": ("GET", "/v2/models/clf/infer", dict, 405, "method GET is not allowed"),
 }
@@ -433,3 +435,155 @@ def test_a_real_efficientnet_lite0_gives_the_same_labels_everywhere(tmp_path):
     assert [names[i] for i in binary.argmax(1)] == [names[i] for i in json_.argmax(1)] == [rows[str(p)]["label"] for p in paths]
     assert upload == [rows[str(p)]["label"] for p in paths[:4]]
     np.testing.assert_allclose(binary, [[rows[str(p)]["probabilities"][n] for n in names] for p in paths], atol=1e-4)
+
+
+# ---- issue 32: as an attacker and an operator would try it -------------------------------------------
+
+def server_exit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m deploy.server ARGS` that must exit by itself (a refusal): its exit code and output."""
+    return subprocess.run([sys.executable, "-m", "deploy.server", *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("content", ["", "  \n\t\n"])
+def test_an_empty_token_file_stops_the_server_instead_of_turning_auth_off(world, tmp_path, content):
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    with ServerProcess("champion", "--registry", str(world["registry"]), "--token-file", str(token_file)) as server:
+        with pytest.raises(Exception, match=f"exited with code 1 before it was ready: token file {token_file} is "
+                                            "empty"):
+            server.wait_ready(60)
+    server.cleanup()
+    refused = server_exit("--registry", str(world["registry"]), "--port", "0", env={"FINETUNE_SERVE_TOKEN": " \n"})
+    assert refused.returncode == 1 and "FINETUNE_SERVE_TOKEN holds only whitespace" in refused.stderr
+
+
+def test_every_interface_without_a_token_is_refused_unless_allowed_and_then_loudly(world, tmp_path):
+    refused = server_exit("--registry", str(world["registry"]), "--host", "0.0.0.0", "--port", "0")
+    assert refused.returncode == 1, refused.stderr
+    assert "error: refusing to serve on 0.0.0.0 without a token" in refused.stderr and "--allow-unauthenticated" \
+        in refused.stderr
+    # allowed: a warning first (the empty registry then stops it before it serves anything)
+    allowed = server_exit("--registry", str(tmp_path / "empty"), "--host", "0.0.0.0", "--port", "0",
+                          "--allow-unauthenticated")
+    assert "WITHOUT AUTHENTICATION" in allowed.stderr and "has no champion yet" in allowed.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")  # with a token the same address is fine (stopped by the empty registry too)
+    with_token = server_exit("--registry", str(tmp_path / "empty"), "--host", "0.0.0.0", "--port", "0",
+                             "--token-file", str(token_file))
+    assert "refusing" not in with_token.stderr and "has no champion yet" in with_token.stderr
+
+
+def test_requests_that_answered_500_with_tracebacks_are_one_line_4xx(world):
+    server = world["server"]
+    logged = len(server.output())
+    infer = "/v2/models/clf/infer"
+    ones = ",".join(["1"] * 3 * 32 * 32)
+    cases = [
+        ("POST", infer, json.dumps({"inputs": [{"name": "image", "shape": [2 ** 62, 3, 64, 64], "datatype": "UINT8",
+                                                "data": []}]}), 400),
+        ("POST", infer, "[" * 100_000 + "]" * 100_000, 400),
+        ("POST", infer, '{"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "UINT8", "data": ['
+         + ones + ']}], "outputs": [{"name": "logits", "parameters": [1]}]}', 400),
+        ("GET", "/v2/models/clf/versions/" + "9" * 5000, None, 404),
+        ("POST", "/v2/models/clf/versions/" + "9" * 5000 + "/infer", "{}", 404),
+    ]
+    for method, path, body, status in cases:
+        r = httpx.request(method, server.url + path, content=body, timeout=60)
+        assert r.status_code == status, (path[:60], r.text[:300])
+        assert r.headers["content-type"] == "application/json" and b"\n" not in r.content and list(r.json()) == ["error"]
+    still_serving(world)
+    assert "Traceback" not in server.output()[logged:]
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 60.0) -> tuple[bytes, bool]:
+    """Send `data` on a raw socket, then read until the server closes: (what it answered, whether it closed)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:  # the server closed while we were still sending (the header limit)
+            pass
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return answer, True
+            if not chunk:
+                return answer, True
+            answer += chunk
+
+
+def test_slow_and_huge_headers_are_cut_off(world):
+    """Slowloris (40 connections sending half a request) and huge headers: 408 / 431 and the connection closed,
+    each waited for on its socket (no sleeps); the server keeps serving."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start(world["registry"], "--poll-s", "0", "--header-timeout-s", "1", "--max-header-bytes", "8192")
+    try:
+        slow = []
+        for _ in range(40):  # each sends the start of a request at once, then nothing more
+            slow.append(socket.create_connection(("127.0.0.1", server.port), timeout=60))
+            slow[-1].sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+
+        def closed_with(sock) -> bytes:
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            sock.close()
+            return answer
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(closed_with, slow))
+        assert all(a.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in a for a in answers), \
+            [a for a in answers if not a.startswith(b"HTTP/1.1 408 ")][:1]
+        answer, closed = raw_exchange(server.port, b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 << 20))
+        assert closed and answer.startswith(b"HTTP/1.1 431 ") and b"over 8192 bytes" in answer
+        r = httpx.get(server.url + "/v2", headers={"X-Big": "a" * 9000})
+        assert r.status_code == 431 and r.json() == {"error": "the request's headers are over 8192 bytes"}
+        assert httpx.get(server.url + "/v2", headers={"X-Fine": "a" * 7000}).status_code == 200
+        assert "Traceback" not in server.output()
+    finally:
+        assert server.stop() == 0
+        server.cleanup()
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) of a process, in KiB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
+def test_huge_image_uploads_stay_within_the_decode_budget_and_memory_comes_back(world, tmp_path):
+    """The issue's attack at a smaller size: a 5000x5000 RGBA PNG (a few hundred KB, 95 MiB of pixels), four at
+    once. Before: each decode held ~5 copies (~480 MB), concurrently. Now the peak rises by less than the
+    --decode-memory-mb budget, an image over the budget gets 413, and RSS falls back after the requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = io.BytesIO()
+    Image.new("RGBA", (5000, 5000), (220, 220, 220, 255)).save(big, "PNG")
+    server = start(world["registry"], "--poll-s", "0", "--decode-memory-mb", "160")
+    try:
+        assert httpx.post(server.url + "/api/predict", **upload("w.png", png_bytes())).status_code == 200
+        before = rss_kib(server.proc.pid)
+
+        def send(_):
+            return httpx.post(server.url + "/api/predict", **upload("big.png", big.getvalue()), timeout=300)
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(send, range(4)))
+        assert [r.status_code for r in replies] == [200] * 4, replies[0].text
+        assert {r.json()["predictions"][0]["label"] for r in replies} == {"bright"}
+        after = rss_kib(server.proc.pid)
+        assert after["VmHWM"] - before["VmHWM"] < 160 * 1024, (before, after)  # < the budget (old path: ~1.9 GB)
+        assert after["VmRSS"] - before["VmRSS"] < 64 * 1024, (before, after)   # given back
+        huge = io.BytesIO()
+        Image.new("RGBA", (7000, 7000), (220, 220, 220, 255)).save(huge, "PNG")
+        r = httpx.post(server.url + "/api/predict", **upload("huge.png", huge.getvalue()), timeout=300)
+        assert r.status_code == 413 and "over the server's limit of 160 MiB (--decode-memory-mb)" in r.json()["error"]
+    finally:
+        assert server.stop() == 0
+        server.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 import zlib
 
@@ -138,3 +139,169 @@ def test_classification_extension_gives_top_k_value_index_label_strings():
         requested_outputs({"outputs": [{"name": "logits", "parameters": {"classification": 0}}]}, OUTPUTS)
     with pytest.raises(V2Error, match=r"unknown output\(s\) \['nope'\]"):
         requested_outputs({"outputs": [{"name": "nope"}]}, OUTPUTS)
+
+
+# ---- issue 32: values a tensor cannot hold, requests that used to answer 500 -------------------------
+
+@pytest.mark.parametrize("data, shown", [([0] * 11 + [v], s) for v, s in ((1.7, "1.7"), (2.0, "2.0"), ("1", "'1'"),
+                                          (256, "256"), (-1, "-1"), (None, "None"), (2 ** 70, str(2 ** 70)))]
+                         + [([True] * 12, "True"), ([[0] * 4] * 3, None)])
+def test_a_value_an_integer_tensor_cannot_hold_is_refused_not_converted(data, shown):
+    if shown is None:  # what fits goes through
+        assert decode(json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "UINT8",
+                                              "data": data}]}).encode())["image"].dtype == np.uint8
+        return
+    with pytest.raises(V2Error, match=re.escape(f"data is not UINT8 (UINT8 takes integers from 0 to 255, got {shown})")
+                       ) as err:
+        decode(json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "UINT8",
+                                       "data": data}]}).encode())
+    assert err.value.status == 400
+
+
+def test_float_and_bool_tensors_take_their_own_values_only():
+    floats = {"x": TensorSpec("x", "FP32", (-1, 2)), "b": TensorSpec("b", "BOOL", (-1, 2))}
+    request = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2.5]},
+                          {"name": "b", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]}]}
+    feeds = decode_inputs(request, memoryview(b""), floats, "m")
+    assert feeds["x"].tolist() == [[1.0, 2.5]] and feeds["b"].tolist() == [[True, False]]
+    for name, datatype, data in (("x", "FP32", [1, "2"]), ("x", "FP32", [True, False]), ("b", "BOOL", [1, 0])):
+        bad = {"inputs": [{"name": name, "shape": [1, 2], "datatype": datatype, "data": data}]}
+        with pytest.raises(V2Error, match=f"data is not {datatype}"):
+            decode_inputs(bad, memoryview(b""), {name: floats[name]}, "m")
+
+
+@pytest.mark.parametrize("body, message", [
+    (json.dumps({"inputs": [{"name": "image", "shape": [2 ** 62, 3, 2, 2], "datatype": "UINT8", "data": []}]}),
+     f"0 values for shape [{2 ** 62}, 3, 2, 2] ({2 ** 62 * 12} expected)"),  # numpy's product wrapped to 0
+    (json.dumps({"inputs": [{"name": "image", "shape": [2 ** 62, 3, 2, 2], "datatype": "UINT8",
+                             "parameters": {"binary_data_size": 12}}]}), "binary_data_size 12 does not match"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "UINT8", "data": '
+     + "[" * 5000 + "]" * 5000 + "}]}", "nested too deeply"),
+    (json.dumps({"inputs": [{"name": ["image"], "shape": [1, 3, 2, 2], "datatype": "UINT8", "data": [0] * 12}]}),
+     "has no input '['image']'"),
+    (json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 2, 2], "datatype": "UINT8", "data": [0] * 12,
+                             "parameters": [1]}]}), "input 'image': 'parameters' must be a JSON object"),
+])
+def test_requests_that_used_to_answer_500_are_400s(body, message):
+    with pytest.raises(V2Error, match=re.escape(message)) as err:
+        decode(body.encode())
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize("outputs, message", [
+    ([{"name": "logits", "parameters": [1]}], "output 'logits': 'parameters' must be a JSON object, got list"),
+    ([{"name": ["logits"]}], "unknown output(s) [['logits']]"),
+    ([{"name": {"a": 1}}], "unknown output(s) [{'a': 1}]"),
+])
+def test_malformed_outputs_are_400s(outputs, message):
+    with pytest.raises(V2Error, match=re.escape(message)) as err:
+        requested_outputs({"outputs": outputs}, OUTPUTS)
+    assert err.value.status == 400
+
+
+# ---- fuzzing the infer route: every answer is 2xx or 4xx, and the server keeps serving ----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SIZE = 8
+LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.text(max_size=6))
+JSON = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                     max_size=4), max_leaves=12)
+DIMS = st.one_of(st.integers(-2, 3), st.sampled_from([SIZE, 2 ** 31, 2 ** 62, 2 ** 64, 10 ** 30]), LEAVES)
+SHAPES = st.one_of(st.lists(DIMS, max_size=6), st.tuples(st.integers(0, 3), st.just(3), st.just(SIZE),
+                                                         st.just(SIZE)).map(list), JSON)
+DATATYPES = st.one_of(st.sampled_from(["UINT8", "FP32", "INT64", "BOOL", "BYTES", "uint8", ""]), JSON)
+FILLS = st.sampled_from([0, 255, 256, -1, 1.5, 2.0, True, "1", None, [1], {}])
+
+
+@st.composite
+def tensors(draw) -> dict:
+    tensor = {"name": draw(st.sampled_from(["image", "img"]) | JSON), "shape": draw(SHAPES),
+              "datatype": draw(DATATYPES)}
+    shape = tensor["shape"]
+    count = (math.prod(shape) if isinstance(shape, list) and all(type(d) is int and 0 <= d <= 4096 for d in shape)
+             else draw(st.integers(0, 5)))
+    how = draw(st.sampled_from(["flat", "nested", "binary", "junk", "none"]))
+    if how in ("flat", "nested") and count <= 4 * 3 * SIZE * SIZE:
+        data = [draw(FILLS)] * count
+        if data and draw(st.booleans()):
+            data[draw(st.integers(0, count - 1))] = draw(LEAVES)
+        if how == "nested" and isinstance(shape, list) and count and all(type(d) is int and d > 0 for d in shape):
+            data = np.asarray(data, dtype=object).reshape(shape).tolist()
+        tensor["data"] = data
+    elif how == "binary":
+        tensor["parameters"] = {"binary_data_size": draw(st.sampled_from([count, count * 4, 0, -1, 2 ** 63]) | JSON)}
+    elif how == "junk":
+        tensor["data"], tensor["parameters"] = draw(JSON), draw(JSON)
+    return tensor
+
+
+@st.composite
+def infer_requests(draw) -> tuple[bytes, dict]:
+    kind = draw(st.sampled_from(["request", "request", "request", "nested", "bytes", "json"]))
+    headers = {}
+    if kind == "nested":
+        depth = draw(st.sampled_from([10, 900, 1100, 100_000]))
+        return b'{"inputs": [' + b"[" * depth + b"]" * depth + b"]}", headers
+    if kind == "bytes":
+        return draw(st.binary(max_size=64)), headers
+    if kind == "json":
+        return json.dumps(draw(JSON)).encode(), headers
+    request: dict = {"inputs": draw(st.lists(tensors(), min_size=1, max_size=2) | JSON)}
+    if draw(st.booleans()):
+        request["outputs"] = draw(st.lists(st.fixed_dictionaries(
+            {"name": st.sampled_from(["logits", "probabilities", "nope"]) | JSON},
+            optional={"parameters": st.fixed_dictionaries({}, optional={
+                "classification": st.integers(-1, 3) | JSON, "binary_data": JSON}) | JSON}), max_size=3) | JSON)
+    if draw(st.booleans()):
+        request["parameters"] = draw(st.fixed_dictionaries({"binary_data_output": JSON}) | JSON)
+    if draw(st.booleans()):
+        request["id"] = draw(JSON)
+    head = json.dumps(request).encode()
+    tail = draw(st.binary(max_size=2 * 3 * SIZE * SIZE))
+    if tail or draw(st.booleans()):
+        headers[HEADER_LEN] = str(draw(st.sampled_from([len(head), len(head) + 1, -1, 0])
+                                       | st.text(alphabet="0123456789-x ", max_size=4)))
+    if draw(st.booleans()):
+        headers["Content-Encoding"] = draw(st.sampled_from(["gzip", "deflate", "br", "identity"]))
+        if headers["Content-Encoding"] == "gzip" and draw(st.booleans()):
+            return gzip.compress(head + tail), headers
+    return head + tail, headers
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from deploy.batching import Runner
+    from deploy.server import create_app
+    from deploy.service import Service, Source
+    from deploy.settings import Settings
+    from tests.conftest import brightness_onnx
+
+    onnx = brightness_onnx(tmp_path_factory.mktemp("fuzz") / "model.onnx", ["bright", "dark"], size=SIZE)
+    service = Service(Source.parse(str(onnx), "registry"), "clf", Runner())
+    with TestClient(create_app(service, Settings(poll_s=0, max_body_bytes=1 << 20)),
+                    raise_server_exceptions=False) as client:
+        yield client
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(infer_requests())
+def test_fuzzed_infer_requests_get_2xx_or_a_one_line_4xx_json_error(app_client, case):
+    body, headers = case
+    r = app_client.post("/v2/models/clf/infer", content=body, headers=headers)
+    assert r.status_code < 500, (r.status_code, r.text[:500], body[:300], headers)
+    if r.status_code >= 400:
+        assert r.headers["content-type"] == "application/json" and b"\n" not in r.content
+        assert set(r.json()) == {"error"}, r.text
+
+
+def test_the_fuzzed_server_still_serves(app_client):
+    x = np.full((1, 3, SIZE, SIZE), 250, np.uint8)
+    head = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    r = app_client.post("/v2/models/clf/infer", content=head + x.tobytes(), headers={HEADER_LEN: str(len(head))})
+    assert r.status_code == 200 and r.json()["outputs"][1]["data"][0] > 0.5  # 'bright'

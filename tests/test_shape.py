@@ -55,7 +55,7 @@ def test_layers_import_downward_only():
     """finetune (the CLI) -> flows, deploy -> tasks. Nothing imports the CLI; tasks import no upper layer;
     deploy uses only the torch-free consumer modules."""
     allowed_in_deploy = {"tasks", "tasks.inference", "tasks.preprocess", "tasks.images", "tasks.registry",
-                         "tasks.files", "tasks.manifest", "tasks.entry", "tasks.params"}
+                         "tasks.files", "tasks.manifest", "tasks.entry", "tasks.params", "tasks.drift"}
     for module in project_modules():
         top = module.split(".")[0]
         targets = imports_of(module)
@@ -99,8 +99,9 @@ def test_no_module_shadows_the_standard_library():
     assert not shadows, shadows
 
 
-@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry",
-                                    "tasks.promote.serving_check", "deploy.server", "deploy.predict", "deploy.triton"])
+@pytest.mark.parametrize("module", ["tasks.inference", "tasks.preprocess", "tasks.registry", "tasks.drift",
+                                    "tasks.promote.serving_check", "deploy.server", "deploy.predict", "deploy.triton",
+                                    "deploy.drift_batch"])
 def test_consumer_modules_import_neither_torch_nor_prefect(module):
     """What serving needs loads in a fresh interpreter without torch or prefect (a small serving image)."""
     code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'prefect', 'torchvision', 'timm') "

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from deploy.guards import check_token
@@ -32,31 +32,30 @@ async def predict(request: Request, service: Served, settings: Configured, top_k
     model = service.current  # captured once, as in infer
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise V2Error(415, "send the images as multipart/form-data, one 'files' part per image")
-    files, top_k = await read_uploads(request, settings.max_files, top_k)
+    names, images, top_k = await read_uploads(request, service, model, settings.max_files, top_k)
     k = top_k if top_k is not None else settings.top_k
     if k < 1:
         raise V2Error(400, f"top_k must be at least 1, got {k}")
-    images = await run_in_threadpool(service.preprocess, model, files)
     _, probs = await service.predict(model, images)
     return {"model_name": model.name, "model_version": model.version,
-            "predictions": service.postprocess(model, [f[0] for f in files], probs, k)}
+            "predictions": service.postprocess(model, names, probs, k)}
 
 
-async def read_uploads(request: Request, max_files: int, top_k: int | None) -> tuple[list[tuple[str, bytes]],
-                                                                                     int | None]:
-    """The multipart form's files as (filename, bytes), and top_k (the query's, else the form's field)."""
+async def read_uploads(request: Request, service, model, max_files: int, top_k: int | None
+                       ) -> tuple[list[str], np.ndarray, int | None]:
+    """The multipart form's files decoded one by one (a file's bytes are read just before its decode: the parser
+    keeps parts over 1 MB on disk), and top_k (the query's, else the form's field)."""
     async with request.form(max_files=max_files, max_fields=8) as form:
         parts = form.getlist("files") + form.getlist("file")
         if form.get("top_k") is not None and top_k is None:
             top_k = _as_int(form.get("top_k"), "top_k")
         if not parts:
             raise V2Error(400, "no images: send one or more 'files' parts (multipart/form-data)")
-        files = []
-        for part in parts:
-            if not isinstance(part, UploadFile):
-                raise V2Error(400, "each 'files' part must be a file, not a text field")
-            files.append((part.filename or "<upload>", await part.read()))
-    return files, top_k
+        if not all(isinstance(part, UploadFile) for part in parts):
+            raise V2Error(400, "each 'files' part must be a file, not a text field")
+        names = [part.filename or "<upload>" for part in parts]
+        images = [await service.preprocess_one(model, name, await part.read()) for name, part in zip(names, parts)]
+    return names, np.stack(images), top_k
 
 
 def _as_int(value, name: str) -> int:
@@ -66,12 +65,13 @@ def _as_int(value, name: str) -> int:
         raise V2Error(400, f"{name} must be an integer, got {value!r}") from None
 
 
-@router.get("/api/model", tags=["metadata"], summary="The served model: version, classes, lineage, model card")
+@router.get("/api/model", tags=["metadata"], summary="The served model: version, classes, lineage, model card, drift")
 async def model_info(service: Served, settings: Configured) -> dict:
     info = service.current.info()
     info["last_swap"] = service.last_swap
     info["auth"] = settings.token is not None
     info["top_k"] = settings.top_k
+    info["drift"] = service.monitor.state() if service.monitor is not None else {"enabled": False}
     return info
 
 

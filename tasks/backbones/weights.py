@@ -161,7 +161,10 @@ def _download(url: str, dest: Path, sha256: str) -> None:
     log.info("downloading %s -> %s", shown, dest)
     try:
         with atomic_path(dest) as tmp:
-            with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+            # http(s): a streaming read (block_size=0), no Range requests: a plain server (python -m http.server,
+            # many artifact stores) does not support them, and a download reads the file once, in order anyway
+            streaming = {"block_size": 0} if urlsplit(url).scheme.lower() in ("http", "https") else {}
+            with fsspec.open(url, "rb", **streaming) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             actual = sha256_file(tmp)
             if actual != sha256.lower():

@@ -21,17 +21,13 @@ import pandas as pd
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
-from tasks.export.onnx_graph import add_metadata, parity
+from tasks.export.onnx_graph import ExportError, add_metadata, parity
 from tasks.files import new_temp, sha256_file
 from tasks.inference import session
 from tasks.metrics import classification_metrics
 from tasks.tensors import DecodedOnDemand, Images, batches
 
 log = logging.getLogger("tasks.export")
-
-
-class ExportError(RuntimeError):
-    """The exported model is not faithful to the checkpoint (or cannot be exported)."""
 
 
 

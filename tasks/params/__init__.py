@@ -21,8 +21,10 @@ from tasks.params.schema import (
     PLACEMENT_KEYS,
     ChampionGate,
     DataParams,
+    DriftParams,
     ExportParams,
     GateParams,
+    LabelIssuesParams,
     MaxBounds,
     MinBounds,
     ModelParams,
@@ -39,8 +41,8 @@ from tasks.params.schema import (
 )
 
 __all__ = [
-    "DIHEDRAL_AUGMENT", "NATURAL_AUGMENT", "PLACEMENT_KEYS", "ChampionGate", "DataParams", "ExportParams", "GateParams",
-    "MaxBounds", "MinBounds", "ModelParams", "OrchestrationParams", "Params", "ParamsChange", "ParamsError", "RegistryParams",
+    "DIHEDRAL_AUGMENT", "NATURAL_AUGMENT", "PLACEMENT_KEYS", "ChampionGate", "DataParams", "DriftParams", "ExportParams", "GateParams",
+    "LabelIssuesParams", "MaxBounds", "MinBounds", "ModelParams", "OrchestrationParams", "Params", "ParamsChange", "ParamsError", "RegistryParams",
     "SplitParams", "StageParams", "TrainParams", "ValidateParams", "apply_overrides", "apply_patch", "augmentations", "load_params",
     "orientation_invariant", "parse_value", "prepare_change", "read_raw", "render_defaults", "stratify_columns", "validate_params",
     "write_overrides",

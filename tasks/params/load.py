@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
+from ruamel.yaml.constructor import RoundTripConstructor
 
 from tasks.params.schema import Params
 
@@ -21,8 +22,22 @@ class ParamsError(ValueError):
     """A params file or override is unusable; the message names the key and the problem."""
 
 
+class _Constructor(RoundTripConstructor):
+    """An integer Python refuses to parse (over 4,300 digits) stays text, so validation names its key."""
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            return str(node.value)
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:int", _Constructor.construct_yaml_int)
+
+
 def _yaml() -> YAML:
     yaml = YAML()  # round-trip: keeps the comments that document every knob
+    yaml.Constructor = _Constructor
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 4096
@@ -31,7 +46,10 @@ def _yaml() -> YAML:
 
 def parse_value(text: str) -> Any:
     """Parse one `--set` value as YAML (so `1e-3`, `true`, `[a, b]` and `null` work)."""
-    value = YAML(typ="safe").load(text)
+    try:
+        value = YAML(typ="safe").load(text)
+    except ValueError:  # e.g. an integer of over 4,300 digits: validation names the key
+        return text
     return text if value is None and text.strip() not in ("null", "~", "") else value
 
 
@@ -71,6 +89,8 @@ def _format_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         else:
             shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+            if len(shown) > 80:
+                shown = f"{shown[:60]}... ({len(str(value))} characters)"
             lines.append(f"{source}: bad value for '{key}': {shown} ({e['msg']})")
     return "; ".join(lines)
 

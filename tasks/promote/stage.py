@@ -20,7 +20,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import tasks.promote.serving_check as serving_check
-from tasks import registry
+from tasks import drift, registry
 from tasks.entry import Option, stage_main
 from tasks.files import read_json, sha256_file, write_json
 from tasks.inference import read_metadata
@@ -54,10 +54,25 @@ def onnx_metadata(onnx_path: Path) -> dict:
 def version_files(onnx_path: Path, int8_dir: Path | None, model_card: Path | None,
                   predictions: Path | None) -> dict[str, Path]:
     files = {"model.onnx": Path(onnx_path)}
-    optional = {INT8_FILE: Path(int8_dir) / INT8_FILE if int8_dir else None, "model_card.md": model_card,
-                "predictions.csv": predictions}
+    int8 = Path(int8_dir) / INT8_FILE if int8_dir else None
+    optional = {INT8_FILE: int8, "model_card.md": model_card, "predictions.csv": predictions,
+                drift.REFERENCE_FILE: drift_reference(onnx_path),
+                drift.INT8_REFERENCE_FILE: drift_reference(int8) if int8 is not None and int8.is_file() else None}
     files.update({name: Path(p) for name, p in optional.items() if p is not None and Path(p).is_file()})
     return files
+
+
+def drift_reference(onnx_path: Path) -> Path | None:
+    """The drift reference the model's metadata names (beside it, with the sha256 recorded), which goes into the
+    version with the model under the same name; None (logged) for a model exported without one or whose reference is
+    not its own."""
+    metadata = read_metadata(onnx_path)
+    try:
+        drift.reference_of(onnx_path, metadata)
+    except drift.DriftError as exc:
+        log.warning("promote: no drift reference is registered with %s: %s", Path(onnx_path).name, exc)
+        return None
+    return Path(onnx_path).parent / json.loads(metadata[drift.METADATA_KEY])["file"]
 
 
 def check_candidate(verdict: dict, verdict_path: Path, onnx_meta: dict, predictions_path: Path,

@@ -1,0 +1,3 @@
+from tasks.label_issues.stage import main
+
+main()
