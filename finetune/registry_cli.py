@@ -45,7 +45,7 @@ def rollback_cmd(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOpt
     typer.echo(f"champion: {alias['version']} (rolled back from {before['version'] if before else '?'})  [{root}]")
 
 
-registry_app = typer.Typer(help="The model registry: numbered versions and the champion alias (see README).",
+registry_app = typer.Typer(help="The model registry: numbered versions and the champion alias (docs/registry.md).",
                            no_args_is_help=True)
 
 
@@ -77,9 +77,9 @@ def registry_list(params: ParamsOpt = Path("params.yaml"), registry_: RegistryOp
         typer.echo(f"{'*' if v == champ else ' '}  {v:7}  {str(meta.get('created_at', '?')):25}  "
                    f"{fmt(m.get('accuracy')):8}  {fmt(m.get('macro_f1')):8}  {str(meta.get('source', '?')):8}  "
                    f"{str(meta.get('onnx_sha256', ''))[:12]}")
-    if damaged:
-        typer.echo(f"champion: none usable: {damaged}")
-        return
+    if damaged:  # listed above so the repairing version can be chosen; still an error for scripts
+        typer.echo(f"error: champion: none usable: {damaged}", err=True)
+        raise typer.Exit(1)
     typer.echo(f"champion: {champ or 'none'}" + (f" (history: {', '.join(alias['history'])})"
                                                  if alias and alias["history"] else "") + f"  [{root}]")
 

@@ -132,7 +132,9 @@ def test_registry_commands_promote_rollback_and_clear_errors(tmp_path):
     assert ok.returncode == 0 and "champion: v0001 (rolled back from v0002)" in ok.stdout
     one_line_error(finetune("rollback", "--registry", str(reg), cwd=tmp_path), "no previous champion")
     (reg / "champion.json").write_text("[1, 2")
-    one_line_error(finetune("registry", "list", "--registry", str(reg), cwd=tmp_path), "champion.json is not valid JSON")
+    damaged = finetune("registry", "list", "--registry", str(reg), cwd=tmp_path)
+    one_line_error(damaged, "champion.json is not valid JSON", "finetune promote VERSION")
+    assert "v0001" in damaged.stdout and "v0002" in damaged.stdout  # the versions to repair it with are listed
     one_line_error(finetune("registry", "add", str(tmp_path / "missing.onnx"), "--registry", str(reg), cwd=tmp_path),
                    "missing.onnx: no such ONNX file")
     # without --registry: registry.root from the params file, relative to its folder

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.params import write_overrides
 from tests.conftest import REPO, copy_project, make_dataset
@@ -143,13 +144,22 @@ def test_changed_image_reruns_validate_and_everything_downstream(repro_project):
 
 
 def test_push_and_pull_with_a_local_remote(repro_project, tmp_path):
-    """`dvc push` to a directory remote, lose every output and the cache, `dvc pull` brings them back."""
+    """`dvc push` to a directory remote, lose every output and the cache, `dvc pull` brings them back
+    (data/label_reviewed.csv is the user's file, kept in git, not an output)."""
     root = repro_project
     dvc("remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=root)
     dvc("push", cwd=root)
     onnx_bytes = (root / "models/model.onnx").read_bytes()
-    for rel in ("data", "models", ".dvc/cache"):
-        shutil.rmtree(root / rel)
+    outs = set()  # what DVC caches (reports marked cache: false live in git, like label_reviewed.csv)
+    for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            path, opts = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if opts.get("cache", True):
+                outs.add(path)
+    assert "data/label_reviewed.csv" not in outs and {"models/model.onnx", "data/images"} <= outs
+    for rel in sorted(outs) + [".dvc/cache"]:
+        target = root / rel
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     dvc("pull", cwd=root)
     assert (root / "models/model.onnx").read_bytes() == onnx_bytes
     assert len(list((root / "data/images").rglob("*.png"))) == 48

@@ -363,6 +363,9 @@ def test_the_run_form_in_a_browser_opens_with_todays_values_and_runs_what_it_sho
     first stage's epochs and clicking Submit runs exactly that change (dvc.lock records it), and submitting the
     form again unchanged is a no-op. The screenshot is docs/img/run-form.png (UPDATE_DOCS_SCREENSHOTS=1 rewrites it)."""
     root, local = served
+    # this checks the form, not the model: 12 test images make the gates a coin toss on some CPUs, so they are open
+    write_overrides(root / "params.yaml", ["gates.min.accuracy=0", "gates.min.macro_recall=0", "gates.min.macro_f1=0",
+                                           "gates.per_class_recall_floor=0", "gates.champion.metric=null"])
     with client() as c:
         manual = c.read_deployment_by_name("finetune-pipeline/manual")
     p = load_params(root / "params.yaml")

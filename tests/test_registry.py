@@ -206,10 +206,9 @@ def test_the_registry_commands_list_and_repair_a_damaged_alias(tmp_path):
         return subprocess.run([finetune, *args, "--registry", str(root)], capture_output=True, text=True,
                               timeout=300, cwd=tmp_path, check=False)
 
-    listed = run("registry", "list")
-    assert listed.returncode == 0, listed.stderr
-    assert "v0001" in listed.stdout and "champion: none usable:" in listed.stdout
-    assert "names version v0002, which is not in" in listed.stdout and "finetune promote VERSION" in listed.stdout
+    listed = run("registry", "list")  # still lists the versions to repair it with, and exits 1: it is damaged
+    assert listed.returncode == 1 and "v0001" in listed.stdout and "champion: none usable:" in listed.stderr
+    assert "names version v0002, which is not in" in listed.stderr and "finetune promote VERSION" in listed.stderr
     rolled = run("rollback")
     assert rolled.returncode == 1 and "finetune promote VERSION" in rolled.stderr and "Traceback" not in rolled.stderr
     with ServerProcess("champion", "--registry", str(root)) as server, pytest.raises(

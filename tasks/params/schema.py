@@ -311,8 +311,8 @@ class GateParams(Strict):
 
 
 class RegistryParams(Strict):
-    root: PathStr = doc("registry", "the model registry folder (relative to the project folder); see README \"Model "
-                    "registry\"")
+    root: PathStr = doc("registry", "the model registry folder (relative to the project folder); see "
+                    "docs/registry.md")
 
 
 class ExportParams(Strict):
@@ -373,7 +373,7 @@ class Params(Strict):
     data: DataParams = Field(default_factory=DataParams, description="where the images come from and how they are "
                              "split")
     validate_: ValidateParams = Field(default_factory=ValidateParams, alias="validate",
-                                      description="data validation (Great Expectations); see README \"Data validation\"")
+                                      description="data validation (Great Expectations); see docs/data.md")
     model: ModelParams = Field(default_factory=ModelParams, description="the pretrained backbone; `finetune models` "
                                "lists what is usable here and what works offline")
     label_issues: LabelIssuesParams = Field(default_factory=LabelIssuesParams, description="likely label errors, "
