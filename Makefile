@@ -19,11 +19,15 @@ setup: $(VENV)/.installed  ## create .venv and install the project with its dev 
 run: setup  ## the whole pipeline as a Prefect flow, each stage through DVC
 	$(VENV)/bin/finetune run
 
+# One worker per core (at most 4), whole files per worker, so a file's module fixtures (a trained project, a Prefect
+# server) are built once; tests/conftest.py orders the files longest first. `pytest tests/x.py` alone stays serial.
+XDIST := -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+
 test: setup browser  ## full suite, end-to-end tests included
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: setup  ## everything but the slow end-to-end tests
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 # fastai and Lightning live in their own environment, never in the project's dependencies (bench/peers/).
 PEERS_VENV := bench/.venv-peers

@@ -16,6 +16,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="prefect-home-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker (and its stage processes): no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +92,23 @@ def copy_project(src: Path, dst: Path) -> Path:
     """A copy of a git + DVC project folder, outputs, DVC cache and registry included (DVC rehashes by content)."""
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# The files that take longest (a few full pipeline runs each), longest first: `make test` hands them out first so that
+# no long file is left running alone at the end. A file missing here only starts later; nothing else depends on it.
+LONGEST_FIRST = ("test_prefect_deployments", "test_end_to_end", "test_crash", "test_readme_own_data",
+                 "test_retrain_flow", "test_drift_loop", "test_scale", "test_label_issues", "test_train_process")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the other files with slow tests, each file's tests together and in order (the
+    Makefile's `--dist loadfile --no-loadscope-reorder` hands the files to the workers in this order)."""
+    def module(item) -> str:
+        return item.module.__name__.rsplit(".", 1)[-1]
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (rank.get(module(item), len(rank)), module(item) not in slow))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Prefect for real: a `prefect server` on loopback and a process worker (started as `finetune prefect up`
 starts them), the deployments of prefect.yaml, runs triggered through the API as the dashboard's form
-triggers them, notifications through an automation and a webhook block, and the retraining flow on
-generated data. Tiny data and a tiny recipe (tests/test_end_to_end.py's TINY, head-only, no INT8)."""
+triggers them, notifications through an automation and a webhook block, and the run form in Chromium (the
+retraining flow in process: tests/test_retrain_flow.py). Tiny data and a tiny recipe (tests/test_end_to_end.py's
+TINY, head-only, no INT8)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import pytest
 import yaml
 
 from finetune import local_prefect as lp
-from tasks import lineage, registry, stages
+from tasks import lineage, registry
 from tasks.params import load_params, write_overrides
-from tests.conftest import REPO, make_dataset
+from tests.conftest import REPO
 from tests.test_end_to_end import dvc, new_project, read
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ class Hook:
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
                 with hook.changed:
                     hook.bodies.append(body)
@@ -276,46 +277,6 @@ def test_a_failed_gate_fails_the_run_keeps_the_champion_restores_params_and_noti
     assert "# Gate verdict: FAILED" in artifacts_of(run.id)["gate-verdict"].data
     body = hook.wait_for(lambda b: b.get("flow_run") == run.name)
     assert body["state"] == "Failed" and "gate failed" in body["message"] and str(run.id) in body["url"]
-
-
-def test_retraining_only_on_new_data_and_promoting_only_a_winner(served, tmp_path):
-    """Run in this process against the same server: a first champion; unchanged data, no retraining; new
-    images, a retraining that promotes; a worse recipe on new data, a failed gate that keeps the champion."""
-    from flows.pipeline import StageFailed, finetune_pipeline
-    from flows.retrain import finetune_retrain
-
-    root = new_project(tmp_path / "retrain")
-    write_overrides(root / "params.yaml", FAST)
-    reg = root / "registry"
-    first = finetune_pipeline(workdir=str(root))
-    assert set(first["stages"].values()) == {"ran"} and list(first["stages"]) == list(stages.NAMES)
-    assert first["promotion"]["champion"] == "v0001" and "champion v0001" in first["summary"]
-    assert Path(first["outputs"]["model"]).is_file() and registry.read_champion(reg)["version"] == "v0001"
-    again = finetune_pipeline(workdir=str(root))  # nothing changed: every stage is up to date (dvc.lock says so)
-    assert set(again["stages"].values()) == {"skipped (up to date)"}
-
-    same = finetune_retrain(workdir=str(root), params={"gates": {"min": {"accuracy": 0.6}}})
-    assert not same["retrained"] and same["outcome"].startswith("no change: data raw (")
-    assert "champion v0001" in same["outcome"] and load_params(root / "params.yaml").gates.min.accuracy == 0.5  # untouched
-
-    make_dataset(tmp_path / "more", per_class=8, size=64, seed=7)  # new images of both classes
-    for label in ("dark", "bright"):
-        shutil.move(tmp_path / "more" / label, root / "raw" / label / "new")
-    retrained = finetune_retrain(workdir=str(root))
-    assert retrained["retrained"] and retrained["outcome"].startswith("retrained on new data raw (")
-    assert retrained["outcome"].endswith("promoted v0002 over v0001"), retrained["outcome"]
-    recorded = lineage.latest(reg, "v0002")["data"]["dvc_hash"]
-    assert recorded != lineage.latest(reg, "v0001")["data"]["dvc_hash"]
-
-    (root / "raw" / "dark" / "new" / "000.png").unlink()  # new data again, and a recipe that cannot learn it
-    state = finetune_retrain(workdir=str(root), overrides=["train.stages.0.lr=0.000001", "gates.min.accuracy=0.7"],
-                             return_state=True)
-    assert state.type.value == "FAILED"
-    assert "not promoted because stage 'gate' failed: gate failed" in state.message
-    assert "the champion stays v0002" in state.message
-    assert registry.read_champion(reg)["version"] == "v0002"
-    with pytest.raises(StageFailed):
-        state.result()
 
 
 # ---- the run form in a real browser (issue 35) ------------------------------------------------------------------
