@@ -269,7 +269,9 @@ def pipeline_body(root: Path, p: Params, trigger: dict | None = None) -> dict:
     entry = record_lineage(root, p, promotion, ran["promote"] == "ran", trigger)
     if promotion["promoted"] and ran["promote"] == "ran":
         notify.emit_promotion(root, promotion, line, entry["flow_run"].get("url"))
-    outputs = {k: str((root / v).resolve()) for k, v in OUTPUTS.items()}
+    # what this run left (the INT8 folder stays empty when its accuracy bound drops it)
+    outputs = {k: str((root / v).resolve()) for k, v in OUTPUTS.items()
+               if (root / v).is_file() or ((root / v).is_dir() and any((root / v).iterdir()))}
     summary = "\n".join(
         [f"test accuracy {metrics['accuracy']:.4f}, macro recall {metrics['macro_recall']:.4f}, "
          f"macro F1 {metrics['macro_f1']:.4f} on {metrics['n']} images"]

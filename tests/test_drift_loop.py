@@ -10,10 +10,7 @@ the server hot-swaps to it with a fresh window, and the version's lineage says w
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -21,13 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune import local_prefect as lp
 from tasks import drift, lineage, registry
 from tasks.params import write_overrides
 from tasks.promote.serving_check import ServerProcess
-from tests.conftest import REPO
 from tests.test_end_to_end import new_project
-from tests.test_prefect_deployments import FAST, artifacts_of, client, finish, logs_of
+from tests.test_prefect_deployments import FAST, artifacts_of, client, finish, logs_of, running_prefect
+from tests.test_serving import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,28 +31,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     """A tiny project with prefect.yaml on a real server + worker, trained once (champion v0001)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.pipeline import finetune_pipeline
 
     root = new_project(tmp_path_factory.mktemp("drift") / "proj")
-    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
     write_overrides(root / "params.yaml", FAST)
-    local = lp.Local(root, lp.free_port())
-    quiet = os.environ.pop("PREFECT_LOGGING_LEVEL", None)
-    try:
-        lp.start_server(local)
-        lp.start_worker(local, query_seconds=1)
-        if quiet is not None:
-            os.environ["PREFECT_LOGGING_LEVEL"] = quiet
-        with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
-            lp.deploy(local)
-            first = finetune_pipeline(workdir=str(root))
-            assert first["promotion"]["champion"] == "v0001"
-            yield root, local
-            lp.drain()
-    finally:
-        lp.stop(local)
+    with running_prefect(root) as local:
+        first = finetune_pipeline(workdir=str(root))
+        assert first["promotion"]["champion"] == "v0001"
+        yield root, local
 
 
 def png(array: np.ndarray) -> bytes:
@@ -90,20 +72,6 @@ def drift_state(server: ServerProcess) -> dict:
     return httpx.get(server.url + "/api/model", timeout=30).json()
 
 
-def wait_for(condition, server: ServerProcess, what: str, timeout_s: float = 120.0):
-    """Poll `condition` (an HTTP read) until it holds; between polls wait on the server process (an exit fails at
-    once)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert server.proc.poll() is None, f"the server exited: {server.reason()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        try:
-            server.proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    return value
-
-
 def metric(server: ServerProcess, name: str) -> float:
     for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
         if line.startswith(name + " "):
@@ -135,14 +103,14 @@ def test_clean_traffic_starts_nothing_and_drift_retrains_promotes_and_hot_swaps(
         assert state["enabled"] and state["reference"]["reference_split"] == "val" and state["tests"] == 0
 
         send(server, clean(40, seed=5))  # tests after 20, 30 and 40 images
-        state = wait_for(lambda: (s := drift_state(server)["drift"])["tests"] >= 3 and s, server, "three tests")
+        state = wait_until(lambda: (s := drift_state(server)["drift"])["tests"] >= 3 and s, server, 120, "three tests")
         assert not state["detected"] and state["alarms"] == 0 and metric(server, "drift_detected") == 0
         assert drift_runs() == []
 
         # a new camera: the alarm, the saved window, and a retraining run with the drift as its trigger
         send(server, striped(30, seed=6))
-        state = wait_for(lambda: (s := drift_state(server)["drift"])["alarms"] == 1 and s.get("retrain", {}).get("last")
-                         and s, server, "the alarm and the retraining request")
+        state = wait_until(lambda: (s := drift_state(server)["drift"])["alarms"] == 1 and s.get("retrain", {}).get("last")
+                           and s, server, 120, "the alarm and the retraining request")
         assert state["detected"] and metric(server, "drift_detected") == 1 and metric(server, "drift_alarms_total") == 1
         assert state["retrain"]["last"]["ok"], state["retrain"]
         folder = Path(state["save"]["last"]["folder"])
@@ -162,10 +130,10 @@ def test_clean_traffic_starts_nothing_and_drift_retrains_promotes_and_hot_swaps(
             level = np.asarray(Image.open(image).convert("L"), np.float32).mean()
             shutil.copy(image, root / "raw" / ("bright" if level > 125 else "dark") / f"striped-{i}.png")
         send(server, clean(40, seed=7))
-        wait_for(lambda: not drift_state(server)["drift"]["detected"], server, "the alarm to clear")
+        wait_until(lambda: not drift_state(server)["drift"]["detected"], server, 120, "the alarm to clear")
         send(server, striped(30, seed=8))
-        state = wait_for(lambda: (s := drift_state(server)["drift"])["alarms"] == 2
-                         and s["retrain"]["last"]["flow_run_id"] != str(run.id) and s, server, "the second alarm")
+        state = wait_until(lambda: (s := drift_state(server)["drift"])["alarms"] == 2
+                           and s["retrain"]["last"]["flow_run_id"] != str(run.id) and s, server, 120, "the second alarm")
         second = finish(state["retrain"]["last"]["flow_run_id"])
         assert second.state.type.value == "COMPLETED", (second.state.message, logs_of(second.id)[-3000:])
         assert "promoted v0002 over v0001" in artifacts_of(second.id)["outcome"].data
@@ -175,7 +143,7 @@ def test_clean_traffic_starts_nothing_and_drift_retrains_promotes_and_hot_swaps(
         assert (root / "registry" / "versions" / "v0002" / drift.REFERENCE_FILE).is_file()
 
         # the server follows the champion: the new model, a new window against its own reference
-        info = wait_for(lambda: (i := drift_state(server))["version"] == "v0002" and i, server, "the hot swap")
+        info = wait_until(lambda: (i := drift_state(server))["version"] == "v0002" and i, server, 120, "the hot swap")
         assert info["drift"]["enabled"] and info["drift"]["tests"] == 0 and not info["drift"]["detected"]
         assert metric(server, "drift_detected") == 0 and metric(server, "drift_alarms_total") == 2
     finally:

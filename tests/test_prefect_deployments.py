@@ -6,6 +6,7 @@ TINY, head-only, no INT8)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -70,16 +71,13 @@ def hook():
     h.server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, hook):
-    """A project with prefect.yaml, a real server and worker for it, its deployments and notifications."""
+@contextlib.contextmanager
+def running_prefect(root: Path):
+    """A real Prefect server and process worker for `root` (as `finetune prefect up` starts them), with prefect.yaml's
+    deployments registered and this process's client pointed at them; drained and stopped on exit."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import notify
-
-    root = new_project(tmp_path_factory.mktemp("deployed") / "proj")
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
-    write_overrides(root / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"])
     local = lp.Local(root, lp.free_port())
     quiet = os.environ.pop("PREFECT_LOGGING_LEVEL", None)  # conftest's WARNING would keep the runs' logs off the API
     try:
@@ -89,13 +87,23 @@ def served(tmp_path_factory, hook):
             os.environ["PREFECT_LOGGING_LEVEL"] = quiet
         with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
             lp.deploy(local)
-            assert notify.configure(load_params(root / "params.yaml").orchestration.webhook).startswith(
-                "notifications: on")
-            yield root, local
+            yield local
             lp.drain()
     finally:
         stopped = lp.stop(local)
         assert stopped[0].startswith("worker: stopped") and stopped[1].startswith("server: stopped"), stopped
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, hook):
+    """A project with prefect.yaml, a real server and worker for it, its deployments and notifications."""
+    from flows import notify
+
+    root = new_project(tmp_path_factory.mktemp("deployed") / "proj")
+    write_overrides(root / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"])
+    with running_prefect(root) as local:
+        assert notify.configure(load_params(root / "params.yaml").orchestration.webhook).startswith("notifications: on")
+        yield root, local
 
 
 def client():

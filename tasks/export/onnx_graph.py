@@ -104,6 +104,8 @@ def _torchscript(module: nn.Module, size: int, path, opset: int) -> None:
     names = _output_names(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy": chosen for its speed, see export_onnx
+        # the recorded preprocessing (mean, std) is traced as constants, as intended; the parity check guards the graph
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset, input_names=["image"],
                           output_names=names, dynamic_axes={n: {0: "batch"} for n in ["image", *names]})
 
