@@ -228,7 +228,8 @@ def tensors(draw) -> dict:
         data = [draw(FILLS)] * count
         if data and draw(st.booleans()):
             data[draw(st.integers(0, count - 1))] = draw(LEAVES)
-        if how == "nested" and isinstance(shape, list) and count and all(type(d) is int and d > 0 for d in shape):
+        if how == "nested" and isinstance(shape, list) and count and all(type(d) is int and d > 0 for d in shape) \
+                and math.prod(shape) == count:  # a shape too large to fill got a small count: sent flat
             data = np.asarray(data, dtype=object).reshape(shape).tolist()
         tensor["data"] = data
     elif how == "binary":
@@ -288,7 +289,8 @@ def app_client(tmp_path_factory):
         yield client
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same 150 requests every run (CI runs once; a new random case there would be a flaky failure)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(infer_requests())
 def test_fuzzed_infer_requests_get_2xx_or_a_one_line_4xx_json_error(app_client, case):
     body, headers = case
