@@ -1,26 +1,16 @@
 """Classification metrics shared by training (checkpoint selection), evaluation and the gate.
 
-Pure numpy/scikit-learn, no I/O. Label-based metrics come from the confusion matrix; score-based
-ones (ROC-AUC, PR-AUC, expected calibration error) from the softmax probabilities. Test-set
-sampling error: percentile bootstrap intervals, all resamples at once (one offset `bincount`
-gives every resample's confusion matrix), and paired comparisons of two models on the same images
+Pure numpy/scikit-learn, no I/O; scikit-learn is imported by the functions that use it (the gate's paired
+comparisons need only numpy, and importing sklearn.metrics costs a stage process a second). Label-based metrics
+come from the confusion matrix; score-based ones (ROC-AUC, PR-AUC, expected calibration error) from the softmax
+probabilities. Test-set sampling error: percentile bootstrap intervals, all resamples at once (one offset
+`bincount` gives every resample's confusion matrix), and paired comparisons of two models on the same images
 (paired bootstrap of a metric difference, McNemar's exact and mid-p test for accuracy).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_curve,
-    precision_recall_fscore_support,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 # Which way is better, per headline metric (the gate and the champion comparison read this).
 DIRECTION = {
@@ -38,6 +28,13 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     `balanced_accuracy` is scikit-learn's: mean recall over the classes present in `y_true`;
     `macro_recall` averages over every class in `classes` (an absent class counts as 0).
     """
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_recall_fscore_support,
+        recall_score,
+    )
+
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -59,6 +56,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix
+
     return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
 
 
@@ -96,6 +95,8 @@ def _ece_resampled(conf: np.ndarray, correct: np.ndarray, idx: np.ndarray, bins:
 
 def _binary_scores(is_pos: np.ndarray, score: np.ndarray) -> tuple[float | None, float | None]:
     """(ROC-AUC, average precision) of one-vs-rest scores; None where undefined (one class only)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     has_pos, has_neg = bool(is_pos.any()), bool((~is_pos).any())
     roc = float(roc_auc_score(is_pos, score)) if has_pos and has_neg else None
     ap = float(average_precision_score(is_pos, score)) if has_pos else None
@@ -132,6 +133,8 @@ def curves(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> tuple
 
     Binary: the positive class. More classes: micro-average (every one-vs-rest decision pooled), so
     one curve describes the model; the PNG shows each class too."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=float)
     if positive is not None:
         is_pos, score, label = y_true == positive, probs[:, positive], "positive class"

@@ -79,12 +79,25 @@ def browser():
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory) -> Path:
-    """One tiny project (tests/test_end_to_end.py `new_project`) trained end to end by `dvc repro`, once per session.
-    Tests that change a project take a copy (`copy_project`), never this one."""
+    """One tiny project (tests/test_end_to_end.py `new_project`) trained end to end by `dvc repro`, once per run of
+    the suite: `make test`'s workers share it (the first to need it builds it under a file lock, the pattern
+    pytest-xdist documents; the others wait for it or find it built). Tests take a copy (`copy_project`) and change
+    that, never this one."""
+    from filelock import FileLock
+
     from tests.test_end_to_end import dvc, new_project
 
-    root = new_project(tmp_path_factory.mktemp("trained") / "tiny")
-    dvc("repro", cwd=root)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    root, built = shared / "trained" / "tiny", shared / "trained" / "built"
+    with FileLock(str(shared / "trained.lock")):
+        if not built.exists():
+            if root.parent.exists():
+                shutil.rmtree(root.parent)  # a build that failed part way: start again
+            new_project(root)
+            dvc("repro", cwd=root)
+            built.touch()
     return root
 
 

@@ -19,22 +19,27 @@ import pytest
 from PIL import Image
 
 from tasks import drift, lineage, registry
-from tasks.params import write_overrides
 from tasks.promote.serving_check import ServerProcess
-from tests.test_end_to_end import new_project
-from tests.test_prefect_deployments import FAST, artifacts_of, client, finish, logs_of, running_prefect
+from tests.conftest import copy_project
+from tests.test_prefect_deployments import (
+    artifacts_of,
+    client,
+    finish,
+    logs_of,
+    running_prefect,
+)
 from tests.test_serving import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    """A tiny project with prefect.yaml on a real server + worker, trained once (champion v0001)."""
+def loop(trained_tiny, tmp_path_factory):
+    """A copy of the session's trained tiny project (champion v0001) with prefect.yaml on a real server + worker; a
+    flow run (every stage up to date) records the champion's lineage, which retraining compares the data with."""
     from flows.pipeline import finetune_pipeline
 
-    root = new_project(tmp_path_factory.mktemp("drift") / "proj")
-    write_overrides(root / "params.yaml", FAST)
+    root = copy_project(trained_tiny, tmp_path_factory.mktemp("drift") / "proj")
     with running_prefect(root) as local:
         first = finetune_pipeline(workdir=str(root))
         assert first["promotion"]["champion"] == "v0001"

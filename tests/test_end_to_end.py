@@ -24,6 +24,7 @@ TINY = [
     "train.batch_size=8", "train.stages.0.epochs=2", "train.stages.0.lr=0.03", "train.stages.1.epochs=1",
     "train.stages.1.lr=0.0003", "gates.min.accuracy=0.5", "gates.min.macro_recall=0.5", "gates.min.macro_f1=0.5",
     "gates.per_class_recall_floor=0.3", "gates.champion.max_drop=0.5",  # 12 test images: one image is 0.08
+    "export.int8=false",  # INT8 export and its bound: tests/test_export.py; ~5 s of every export run here
 ]
 
 
@@ -170,16 +171,18 @@ def finetune_cli(*args, cwd):
     return sh(str(Path(sys.executable).parent / "finetune"), *args, cwd=cwd, check=False)
 
 
-def test_gates_keep_a_bad_candidate_out_and_promote_a_better_one(tmp_path):
-    """Run 1 becomes champion v0001; run 2 with a bound set too high fails with a readable reason and
+def test_gates_keep_a_bad_candidate_out_and_promote_a_better_one(trained_tiny, tmp_path):
+    """On a copy of the session's trained project with an empty registry (its data, validation and weights are
+    reused): run 1 becomes champion v0001; run 2 with a bound set too high fails with a readable reason and
     leaves model.onnx and the champion alone; run 3 (better) is kept out while significance is
     required (12 test images cannot show it at the level asked), then becomes v0002; `finetune rollback`
     restores v0001."""
     from tasks import registry
     from tasks.files import sha256_file
 
-    root = new_project(tmp_path / "gates")
+    root = copy_project(trained_tiny, tmp_path / "gates")
     reg = root / "registry"
+    shutil.rmtree(reg)
     # run 1: weak by construction (one head-only epoch at a learning rate too small to move the head), with
     # absolute gates open so it still becomes the champion; head-only training and no INT8 keep the runs short
     weak = ["train.stages.0.epochs=1", "train.stages.0.lr=0.000001", "gates.min.accuracy=0", "gates.min.macro_recall=0",

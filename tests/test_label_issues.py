@@ -233,14 +233,17 @@ def test_finetune_validate_prints_the_label_issues_and_block_mode_fails(tmp_path
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_stage_in_the_chain_and_block_stops_before_training(tmp_path, prefect_server):
-    from tests.test_end_to_end import dvc, new_project
+def test_dvc_repro_runs_the_stage_in_the_chain_and_block_stops_before_training(tmp_path, trained_tiny,
+                                                                               prefect_server):
+    from tests.conftest import copy_project
+    from tests.test_end_to_end import dvc, stages_run
 
-    root = new_project(tmp_path / "proj")  # tiny data with 3 look-alike images per class (label errors)
+    root = copy_project(trained_tiny, tmp_path / "proj")  # tiny data, 3 look-alike images per class (label errors)
     write_overrides(root / "params.yaml", ["label_issues.mode=block", "label_issues.image_size=64"])
     out = dvc("repro", cwd=root, check=False)
     assert out.returncode != 0 and "label issues:" in out.stdout + out.stderr
-    assert (root / "data/label_reviewed.csv").exists() and not (root / "models/model.pt").exists()
+    assert stages_run(out.stdout) == {"label_issues"}, out.stdout  # the data are as trained on; training never starts
+    assert (root / "data/label_reviewed.csv").exists()
     data = json.loads((root / "reports/label_issues/label_issues.json").read_text())
     assert data["status"] == "blocked"
 

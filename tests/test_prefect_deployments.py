@@ -21,8 +21,8 @@ import yaml
 from finetune import local_prefect as lp
 from tasks import lineage, registry
 from tasks.params import load_params, write_overrides
-from tests.conftest import REPO
-from tests.test_end_to_end import dvc, new_project, read
+from tests.conftest import REPO, copy_project
+from tests.test_end_to_end import dvc, read
 
 pytestmark = pytest.mark.slow
 
@@ -94,12 +94,20 @@ def running_prefect(root: Path):
         assert stopped[0].startswith("worker: stopped") and stopped[1].startswith("server: stopped"), stopped
 
 
+def untrained_copy(trained: Path, dst: Path) -> Path:
+    """A copy of a trained project without its registry: the next run's candidate is judged on its own."""
+    root = copy_project(trained, dst)
+    shutil.rmtree(root / "registry")
+    return root
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, hook):
-    """A project with prefect.yaml, a real server and worker for it, its deployments and notifications."""
+def served(trained_tiny, tmp_path_factory, hook):
+    """A project with prefect.yaml, a real server and worker for it, its deployments and notifications: a copy of
+    the session's trained tiny project (its data, validation and weights are reused) with an empty registry."""
     from flows import notify
 
-    root = new_project(tmp_path_factory.mktemp("deployed") / "proj")
+    root = untrained_copy(trained_tiny, tmp_path_factory.mktemp("deployed") / "proj")
     write_overrides(root / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"])
     with running_prefect(root) as local:
         assert notify.configure(load_params(root / "params.yaml").orchestration.webhook).startswith("notifications: on")
@@ -221,7 +229,8 @@ def test_invalid_parameters_are_refused_by_the_server_before_any_run_exists(serv
     assert runs() == before
 
 
-def test_a_dashboard_run_with_typed_params_does_what_dvc_repro_does_with_the_same_params(served, hook, tmp_path):
+def test_a_dashboard_run_with_typed_params_does_what_dvc_repro_does_with_the_same_params(served, hook, trained_tiny,
+                                                                                          tmp_path):
     root, _ = served
     run = finish(trigger("finetune-pipeline/manual", {"params": FORM}).id)
     assert run.state.type.value == "COMPLETED", (run.state.message, logs_of(run.id)[-3000:])
@@ -235,11 +244,11 @@ def test_a_dashboard_run_with_typed_params_does_what_dvc_repro_does_with_the_sam
     assert "reports/validation/docs/index.html" in arts["validation"].data
     assert "versions/v0001" in arts["registry-version"].data
     assert "`train.stages.0.lr=0.02`" in arts["run-params"].data
-    for stage in ("ingest", "train", "gate"):
+    for stage in ("train", "evaluate", "gate", "export", "promote"):  # the data and the weights have not changed
         assert f"Running stage '{stage}'" in logs_of(run.id)
 
     # the same params, written with --set's writer, and a plain `dvc repro`
-    direct = new_project(tmp_path / "direct")
+    direct = untrained_copy(trained_tiny, tmp_path / "direct")
     write_overrides(direct / "params.yaml", FAST + [f"orchestration.webhook={hook.url}"] + FORM_AS_SET)
     dvc("repro", cwd=direct)
     assert (root / "params.yaml").read_bytes() == (direct / "params.yaml").read_bytes()

@@ -23,6 +23,16 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def shared_api(tmp_path_factory):
+    """One temporary Prefect server for the tests after the first (which starts its own, as a user's run does):
+    PREFECT_API_URL points this process and the `finetune` commands it runs at it, as `finetune prefect up` would."""
+    from finetune.local_prefect import prefect_api
+
+    with prefect_api(tmp_path_factory.mktemp("prefect")) as url:
+        yield url
+
+
 def test_dask_probing_gives_ingests_rows_in_ingests_order(images, tmp_path):
     from finetune.local_prefect import prefect_api
     from flows import scale
@@ -36,7 +46,7 @@ def test_dask_probing_gives_ingests_rows_in_ingests_order(images, tmp_path):
     assert (~threads["decodes_ok"]).sum() == 2
 
 
-def test_batch_prediction_on_dask_equals_the_thread_run(images, tmp_path):
+def test_batch_prediction_on_dask_equals_the_thread_run(images, shared_api, tmp_path):
     from finetune.local_prefect import prefect_api
     from flows.scale import predict
 
@@ -52,7 +62,7 @@ def test_batch_prediction_on_dask_equals_the_thread_run(images, tmp_path):
     assert (ok["label"] == ok["path"].map(lambda p: Path(p).parent.name)).mean() > 0.8  # the model works
 
 
-def test_finetune_validate_with_dask_workers_reports_what_the_plain_run_reports(images, tmp_path):
+def test_finetune_validate_with_dask_workers_reports_what_the_plain_run_reports(images, shared_api, tmp_path):
     plain = finetune("validate", str(images), "--out", str(tmp_path / "plain"), cwd=tmp_path)
     dask = finetune("validate", str(images), "--out", str(tmp_path / "dask"), "--dask-workers", "2", cwd=tmp_path)
     assert plain.returncode == dask.returncode == 1, dask.stderr[-2000:]  # the broken files fail `decodes`
@@ -66,7 +76,7 @@ def test_finetune_validate_with_dask_workers_reports_what_the_plain_run_reports(
     assert (tmp_path / "dask" / "manifest.csv").read_bytes() == (tmp_path / "plain" / "manifest.csv").read_bytes()
 
 
-def test_finetune_predict_on_dask_gives_the_labels_of_the_streaming_path(images, tmp_path):
+def test_finetune_predict_on_dask_gives_the_labels_of_the_streaming_path(images, shared_api, tmp_path):
     model = brightness_onnx(tmp_path / "bright.onnx", ["bright", "dark"])
     plain = finetune("predict", str(model), str(images), "--out", str(tmp_path / "plain.csv"), "--no-progress",
                      cwd=tmp_path)
