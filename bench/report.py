@@ -238,12 +238,13 @@ def drift(d: dict) -> list[str]:
              f"every {s['every']} requests, alpha {s['alpha']} per test (Bonferroni), {s['consecutive']} rejections in a "
              f"row raise the alarm. Clean traffic: the {d['test_images']} test cells.", "",
              "| traffic | detected within 100 requests | requests until the alarm (median / p90) | median p-values of "
-             "a whole shifted window: embedding / softmax |", "| --- | --- | --- | --- |"]
+             "a whole shifted window: embedding / softmax / image |", "| --- | --- | --- | --- |"]
     for name, x in d["shifts"].items():
         p = x["full_window_pvalues"]
         med = "-" if x["requests_median"] is None else f"{x['requests_median']:.0f} / {x['requests_p90']:.0f}"
+        image = f"{p['image']:.1e}" if "image" in p else "-"  # a reference without image statistics: not tested
         lines.append(f"| {name} | {pct(x['detected_within_100'])} of {x['trials']} | {med} | "
-                     f"{p['embedding']:.1e} / {p['softmax']:.1e} |")
+                     f"{p['embedding']:.1e} / {p['softmax']:.1e} / {image} |")
     arl = (f"ARL0 {cs['arl0_requests']:,.0f} requests" if cs["arl0_requests"] else
            f"no alarm: ARL0 > {cs['arl0_lower_95']:,.0f} requests (95%)")
     lines += ["", "| without drift | result |", "| --- | --- |",
@@ -253,16 +254,23 @@ def drift(d: dict) -> list[str]:
               f"{pct(cs['rejection_rate'])} of tests reject, {cs['alarms']} alarms; {arl} |",
               "| mono reference, clean mono windows: rejecting | " + ", ".join(
                   f"{pct(v)} at alpha {a}" for a, v in d["mono_reference"]["false_alarms"]["rejected"].items()) + " |",
-              f"| cost of one test (window {cost['window']}, in-process) | mean {num(cost['mean_ms'], '.2f')} ms, p99 "
-              f"{num(cost['p99_ms'], '.2f')} ms |"]
+              f"| cost of one test (window {cost['window']}, in-process"
+              + (f", the image statistics of the {cost['every']} new images included"
+                 if "image" in cost.get("detectors", ()) else "")
+              + f") | mean {num(cost['mean_ms'], '.2f')} ms, p99 {num(cost['p99_ms'], '.2f')} ms"
+              + (f"; image statistics {num(cost['image_statistics_ms_per_image'], '.3f')} ms an image"
+                 if "image_statistics_ms_per_image" in cost else "") + " |"]
     if "throughput" in d:
         t = d["throughput"]
         sc = t.get("server_test_cost") or {}
-        lines.append(f"| server throughput, monitoring on / off ({t['clients']} clients, binary tensors, 2 runs of "
-                     f"{t['seconds']:g} s each, alternating) | {num(t['requests_per_s']['on'])} / "
-                     f"{num(t['requests_per_s']['off'])} requests/s: ratio {t['ratio_on_off']:.3f}"
+        cpu = t.get("server_cpu_ms_per_request") or {}
+        lines.append(f"| server throughput, monitoring on / off ({t['clients']} clients, binary tensors, "
+                     f"{t.get('rounds', 2)} runs of {t['seconds']:g} s each, alternating) | "
+                     f"{num(t['requests_per_s']['on'])} / {num(t['requests_per_s']['off'])} requests/s: ratio "
+                     f"{t['ratio_on_off']:.3f}"
                      + (f"; a test in the server {num(sc['mean_ms'], '.2f')} ms ({sc['tests']} tests)" if sc else "")
-                     + " |")
+                     + (f"; server CPU per request {num(cpu['on'], '.2f')} / {num(cpu['off'], '.2f')} ms: ratio "
+                        f"{t['cpu_ratio_on_off']:.3f}" if cpu.get("on") and cpu.get("off") else "") + " |")
     if d.get("sweep"):
         names = list(d["sweep"][0]["shifts"])
         lines += ["", "The false-alarm control's trade-off: other per-test levels and alarm rules on the same outputs "

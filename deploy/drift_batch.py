@@ -3,8 +3,9 @@
 The same pieces as the server: the model resolved as the server resolves it (`deploy.service.Source`: 'champion', a
 registry version or a file), its reference checked as the server checks it (`deploy.service.reference_of`), the
 images decoded by the model's own decode path, and the test of `tasks.drift.compare` (KS per principal component of
-the embeddings and per class of the probabilities, Bonferroni). A folder is one sample, so there is no alarm rule: the
-verdict is the test's (`alpha`). Unreadable files are counted and skipped.
+the embeddings, per class of the probabilities and per image statistic of the decoded input, Bonferroni). A folder is
+one sample, so there is no alarm rule: the verdict is the test's (`alpha`). Unreadable files are counted and
+skipped.
 """
 
 from __future__ import annotations
@@ -50,19 +51,22 @@ def check(model: str, paths: list[Path], registry: Path, alpha: float = 0.01, ma
         if len(files) == max_images:
             break
         files.append(f)
-    embeddings, probabilities, unreadable = [], [], 0
+    embeddings, probabilities, statistics, unreadable = [], [], [], 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(files), batch_size):
             loaded = list(pool.map(_load(classifier), files[start:start + batch_size]))
             ok = [x for x in loaded if x is not None]
             unreadable += len(loaded) - len(ok)
             if ok:
-                _, probs, emb = classifier.run_with_embedding(np.stack(ok))
+                x = np.stack(ok)
+                _, probs, emb = classifier.run_with_embedding(x)
                 embeddings.append(emb)
                 probabilities.append(probs)
+                statistics.append(drift.image_statistics(x))
     if not embeddings:
         raise drift.DriftError(f"no readable images in {', '.join(map(str, paths))}")
-    result = drift.compare(reference, np.concatenate(embeddings), np.concatenate(probabilities), alpha)
+    result = drift.compare(reference, np.concatenate(embeddings), np.concatenate(probabilities), alpha,
+                           np.concatenate(statistics))
     info = {"n": len(reference.embedding), "components": len(reference.basis), **reference.info}
     return BatchDrift(str(path), version, result.n, unreadable, result, info)
 

@@ -1,10 +1,13 @@
 """Drift monitoring in the server: what the served model sees, tested against its reference, off the request path.
 
-A request only appends its rows (the model's `embedding` and `probabilities` outputs, and with `--drift-save-dir`
-a reference to the input image) to the window of `tasks.drift.Stream`. Every `--drift-every` rows the test runs in
-the monitor's own thread (one test at a time; ~1-3 ms for 100 x 1,280 embeddings), never on the event loop or a
-model thread. The statistics (`tasks.drift`: KS per principal component with Bonferroni, KS on the probabilities)
-are the ones `finetune drift FOLDER` and bench/bench_drift.py use.
+A request only appends its rows (the model's `embedding` and `probabilities` outputs, and a reference to the input
+image: the uint8 tensor the model was fed) to the window of `tasks.drift.Stream`. Every `--drift-every` rows the test
+runs in the monitor's own thread (one test at a time; ~2-5 ms for 100 x 1,280 embeddings, the image statistics of the
+20 new images included), never on the event loop or a model thread: the new images' statistics (brightness,
+contrast, sharpness: `tasks.drift.image_statistics`) are computed there, after which the window drops the image (it
+keeps it with `--drift-save-dir`). The statistics (`tasks.drift`: KS per principal component, per class probability
+and per image statistic, Bonferroni) are the ones `finetune drift FOLDER` and bench/bench_drift.py use. A model whose
+reference predates the image statistics is monitored with the first two detectors.
 
 When `--drift-consecutive` tests in a row reject, the alarm is raised (once per episode): `drift_detected` goes to
 1, `drift_alarms_total` counts it, the window's images are saved when asked (`deploy.retrain.save_window`), and the
@@ -91,8 +94,9 @@ class Monitor:
 
     def _alarm(self, model, stream: drift.Stream, outcome: drift.Outcome) -> None:
         p = outcome.result.pvalues
-        log.warning("drift detected on %s: p-values embedding %.2e, softmax %.2e (alpha %g, %d tests in a row)",
-                    model.version, p["embedding"], p["softmax"], stream.alpha, stream.consecutive,
+        log.warning("drift detected on %s: p-values embedding %.2e, softmax %.2e, image %.2e (alpha %g, %d tests "
+                    "in a row)", model.version, p["embedding"], p["softmax"], p.get("image", float("nan")),
+                    stream.alpha, stream.consecutive,
                     extra={"event": "drift", "version": model.version, "pvalues": p, "alarm": stream.alarms})
         saved = None
         if self.settings.save_dir is not None:

@@ -40,7 +40,8 @@ class Metrics:
         self.swaps = Counter("serving_model_swaps", "hot swaps by result (ok, failed)", ["result"], registry=r)
         # drift monitoring (deploy/monitor.py; docs/serving.md "Drift monitoring")
         self.drift_pvalue = Gauge("drift_pvalue", "p-value of the last drift test, by detector (embedding: KS per "
-                                  "principal component, softmax: KS per class, combined; Bonferroni-adjusted)",
+                                  "principal component, softmax: KS per class, image: KS per input image statistic, "
+                                  "combined; Bonferroni-adjusted)",
                                   ["detector"], registry=r)
         self.drift_detected = Gauge("drift_detected", "1 while drift is detected (alarm raised, not yet cleared)",
                                     registry=r)
@@ -70,7 +71,7 @@ class Metrics:
         """A new model (or none) is monitored: no test yet, nothing detected."""
         self.drift_detected.set(0)
         self.drift_window.set(0)
-        for detector in ("embedding", "softmax", "combined"):
+        for detector in ("embedding", "softmax", "image", "combined"):
             self.drift_pvalue.labels(detector).set(float("nan"))  # NaN: no test of this model yet
 
     def drift_tested(self, outcome) -> None:

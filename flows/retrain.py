@@ -60,7 +60,7 @@ class DriftTrigger(BaseModel):
     model_version: str = Field(description="the model being served when the alarm was raised")
     detected_at: str = Field(description="when (UTC, ISO 8601)")
     pvalues: dict[str, float] = Field(description="the alarming test's p-values by detector (embedding, softmax, "
-                                      "combined; Bonferroni-adjusted)")
+                                      "image, combined; Bonferroni-adjusted)")
     alpha: float | None = Field(None, description="the server's per-test level")
     window: int | None = Field(None, description="images in the tested window")
     saved_images: str | None = Field(None, description="the folder the drifted window's images were saved in, to "
@@ -70,7 +70,8 @@ class DriftTrigger(BaseModel):
 def drift_line(trigger: DriftTrigger) -> str:
     p = trigger.pvalues
     return (f"drift detected on {trigger.model_version} at {trigger.detected_at} (p-values: embedding "
-            f"{p.get('embedding', float('nan')):.2g}, softmax {p.get('softmax', float('nan')):.2g}; window "
+            f"{p.get('embedding', float('nan')):.2g}, softmax {p.get('softmax', float('nan')):.2g}"
+            + (f", image {p['image']:.2g}" if "image" in p else "") + "; window "
             f"{trigger.window} images)")
 
 

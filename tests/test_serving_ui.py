@@ -81,6 +81,7 @@ def test_the_page_shows_the_drift_state_and_an_alarm(browser, tmp_path):
         page.wait_for_function("document.getElementById('drift-status').textContent === 'no drift detected'")
         assert "20/20 images, a test every 10" in page.text_content("#drift-window")
         assert "p-values: embedding" in page.text_content("#drift-last")
+        assert ", image " in page.text_content("#drift-last")  # the image statistics detector's p-value
         send(images(40, seed=41, noise=70.0))
         page.wait_for_function("document.getElementById('drift-status').textContent === 'DRIFT DETECTED'",
                                timeout=30_000)

@@ -1,7 +1,8 @@
 """The drift reference of an exported model (tasks/drift.py; docs/serving.md "Drift monitoring").
 
 Computed from the exported ONNX file itself, through the inference module, so the reference is exactly what the
-server computes for an image: the `embedding` and `probabilities` outputs of
+server computes for an image: the `embedding` and `probabilities` outputs (and `tasks.drift.image_statistics` of the
+uint8 input tensor the model is fed, the server's function on the server's tensor) of
 
 - up to `drift.fit_images` training images (evenly spaced), which fit the PCA (`drift.components` directions);
 - up to `drift.reference_images` validation images (the test split when there is none), the reference sample:
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.drift import METADATA_KEY, Reference, save_reference
+from tasks.drift import IMAGE_STATISTICS, METADATA_KEY, Reference, image_statistics, save_reference
 from tasks.export.int8 import evenly_spaced
 from tasks.export.onnx_graph import ExportError, update_metadata
 from tasks.inference import OnnxClassifier
@@ -45,18 +46,21 @@ def sample(manifest: pd.DataFrame, images_dir: Path, splits: tuple[str, ...], ca
     raise ExportError(f"the drift reference needs images of the {' or '.join(splits)} split, and there are none")
 
 
-def outputs(onnx_path: Path, images: DecodedOnDemand, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings, probabilities) of an exported model on `images`, batch by batch."""
+def outputs(onnx_path: Path, images: DecodedOnDemand, batch_size: int = 32
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, probabilities, image statistics) of an exported model on `images`, batch by batch."""
     classifier = OnnxClassifier(onnx_path, batch_size=batch_size)
     if not classifier.has_embedding:
         raise ExportError(f"{onnx_path}: the exported graph has no 'embedding' output (the backbone exposes no "
                           "pooled features)")
-    emb, probs = [], []
+    emb, probs, stats = [], [], []
     for batch in batches(images, batch_size):
-        _, p, e = classifier.run_with_embedding(batch.numpy())
+        x = batch.numpy()
+        _, p, e = classifier.run_with_embedding(x)
         emb.append(e)
         probs.append(p)
-    return np.concatenate(emb), np.concatenate(probs)
+        stats.append(image_statistics(x))
+    return np.concatenate(emb), np.concatenate(probs), np.concatenate(stats)
 
 
 def record(onnx_tmp: Path, destination: Path, manifest: pd.DataFrame, images_dir: Path, size: int, workers: int,
@@ -70,7 +74,8 @@ def record(onnx_tmp: Path, destination: Path, manifest: pd.DataFrame, images_dir
     if ref_split != "val":
         log.warning("export: no validation images; the drift reference is the test split's outputs")
     info = {"fit_split": fit_split, "n_fit": len(fit), "reference_split": ref_split, "precision": "fp32"}
-    reference = Reference.build(outputs(onnx_tmp, fit)[0], *outputs(onnx_tmp, ref), components, info)
+    embeddings, probabilities, statistics = outputs(onnx_tmp, ref)
+    reference = Reference.build(outputs(onnx_tmp, fit)[0], embeddings, probabilities, components, info, statistics)
     report = write(reference, onnx_tmp, destination)
     report["seconds"] = round(time.time() - t0, 2)
     log.info("export: drift reference %s: PCA to %d of %d dimensions on %d %s images, %d %s images as the reference "
@@ -80,7 +85,8 @@ def record(onnx_tmp: Path, destination: Path, manifest: pd.DataFrame, images_dir
 
 
 def record_int8(int8_tmp: Path, reference: Reference, images: DecodedOnDemand, destination: Path) -> dict:
-    """The INT8 model's reference: the fp32 reference's PCA, the INT8 model's outputs on the same images."""
+    """The INT8 model's reference: the fp32 reference's PCA, the INT8 model's outputs on the same images (and their
+    image statistics, the same as the fp32 reference's)."""
     return write(reference.with_sample(*outputs(int8_tmp, images), precision="int8"), int8_tmp, destination)
 
 
@@ -88,6 +94,7 @@ def write(reference: Reference, model_path: Path, destination: Path) -> dict:
     """Save the reference and name it (file, sha256, what it holds) in the model's metadata; the report's entry."""
     sha = save_reference(destination, reference)
     entry = {"file": destination.name, "sha256": sha, "outputs": ["embedding", "probabilities"],
+             "image_statistics": list(IMAGE_STATISTICS) if reference.image is not None else [],
              "components": len(reference.basis), "dim": reference.dim, "n_reference": len(reference.embedding),
              **{k: reference.info[k] for k in ("fit_split", "n_fit", "reference_split", "precision")}}
     update_metadata(model_path, {METADATA_KEY: json.dumps(entry)})
