@@ -8,12 +8,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup run test test-fast bench bench-peers-env browser clean prefect-up deploy prefect-down
 
-# --no-compile: Python compiles each module the first time it is imported instead of pip compiling every file of
-# every package up front (a minute of a fresh install on 2 cores; the pipeline imports a fraction of them).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install the project with its dev tools
