@@ -320,13 +320,25 @@ def deployment_runs(deployment_id) -> set:
     return {r.id for r in runs}
 
 
-def submit_form(page, deployment_id, timeout: float = 60) -> str:
-    """Click Submit; the dashboard creates the flow run (and shows the deployment's runs): its id, from the API."""
+def submit_form(page, deployment_id, timeout: float = 120) -> str:
+    """Click Submit once the form has settled; the dashboard creates the flow run (and shows the deployment's runs):
+    its id, from the API. (A second Submit on the page that made the first run created nothing, twice on 2026-12-07:
+    the test opens a new page for it.)"""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     before = deployment_runs(deployment_id)
-    page.locator("button[type=submit]", has_text="Submit").click()
+    try:
+        page.wait_for_load_state("networkidle", timeout=30_000)  # the form's schema and validation requests are done
+    except PlaywrightTimeout:
+        pass  # a page that keeps polling is never idle: the enabled button below is the condition then
+    submit = page.locator("button[type=submit]", has_text="Submit")
+    submit.wait_for(state="visible", timeout=30_000)
+    assert submit.is_enabled(), "the form's Submit button is disabled"
+    submit.click()
     deadline = time.monotonic() + timeout
     while not (new := deployment_runs(deployment_id) - before):
-        assert time.monotonic() < deadline, "no flow run was created by the form's Submit"
+        assert time.monotonic() < deadline, ("no flow run was created by the form's Submit; the page says:\n"
+                                             + page.locator("body").inner_text()[-2000:])
         time.sleep(0.5)
     (run_id,) = new
     return run_id
@@ -374,6 +386,8 @@ def test_the_run_form_in_a_browser_opens_with_todays_values_and_runs_what_it_sho
         assert "Running stage 'train'" in logs_of(run.id)
         lock, params_yaml = (root / "dvc.lock").read_bytes(), (root / "params.yaml").read_bytes()
 
+        page.close()  # a new page, as a person coming back later opens one (the old page's form keeps its state)
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
         open_run_form(page, local, str(manual.id))  # filled in with today's values again
         assert form_property(page, "Epochs", 1).locator("input").input_value() == str(wanted)
         again = finish(submit_form(page, manual.id))
