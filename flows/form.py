@@ -154,7 +154,12 @@ def form_parameters(root: Path) -> dict[str, dict]:
     """Each flow's form parameters for params.yaml as it is now; the values are also kept as the snapshot that
     `form_of` names."""
     path = Path(root) / PARAMS_FILE
-    params, sha = load_params(path), file_sha256(path)
+    sha = file_sha256(path)
+    params = load_params(path)
+    for _ in range(5):  # the values and the hash of one version of the file (a run may write it meanwhile)
+        if (now := file_sha256(path)) == sha:
+            break
+        sha, params = now, load_params(path)
     filled = values(params)
     snapshot = Path(root) / SNAPSHOTS / f"{sha}.json"
     if not snapshot.exists():
