@@ -1,9 +1,9 @@
 """Classification metrics shared by training (checkpoint selection), evaluation and the gate.
 
-Pure numpy/scikit-learn, no I/O; scikit-learn is imported by the functions that use it (the gate's paired
-comparisons need only numpy, and importing sklearn.metrics costs a stage process a second). Label-based metrics
-come from the confusion matrix; score-based ones (ROC-AUC, PR-AUC, expected calibration error) from the softmax
-probabilities. Test-set sampling error: percentile bootstrap intervals, all resamples at once (one offset
+Pure numpy/scikit-learn, no I/O. Label-based metrics come from the confusion matrix, in numpy, with scikit-learn's
+formulas to the bit (tests/test_metrics.py compares them): importing sklearn.metrics costs a process about a second,
+and training (every epoch's validation) and export need only these. Score-based ones (ROC-AUC, PR-AUC, their curves)
+use scikit-learn, imported by the functions that need it; expected calibration error is numpy. Test-set sampling error: percentile bootstrap intervals, all resamples at once (one offset
 `bincount` gives every resample's confusion matrix), and paired comparisons of two models on the same images
 (paired bootstrap of a metric difference, McNemar's exact and mid-p test for accuracy).
 """
@@ -25,28 +25,27 @@ ECE_BINS = 15
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
     """Headline and per-class metrics; classes absent from both arrays count as 0, not NaN.
 
+    The numbers of scikit-learn's `precision_recall_fscore_support(labels=range(k), zero_division=0)`,
+    `accuracy_score` and macro `recall_score` / `f1_score`, computed as they compute them (F1 = 2 TP / (true + predicted)).
     `balanced_accuracy` is scikit-learn's: mean recall over the classes present in `y_true`;
     `macro_recall` averages over every class in `classes` (an absent class counts as 0).
     """
-    from sklearn.metrics import (
-        accuracy_score,
-        f1_score,
-        precision_recall_fscore_support,
-        recall_score,
-    )
-
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    cm = confusion(y_true, y_pred, len(classes))
+    tp, support, predicted = np.diagonal(cm), cm.sum(1), cm.sum(0)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:  # 0 where the denominator is 0 (zero_division=0)
+        return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
+
+    precision, recall = ratio(tp.astype(float), predicted.astype(float)), ratio(tp.astype(float), support.astype(float))
+    f1 = ratio(2.0 * tp, support.astype(float) + predicted)
     present = support > 0
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_precision": float(precision.mean()) if len(classes) else 0.0,
-        "macro_recall": float(recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_recall": float(recall.mean()) if len(classes) else 0.0,
+        "macro_f1": float(f1.mean()) if len(classes) else 0.0,
         "n": int(len(y_true)),
         "per_class": {
             c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
@@ -56,9 +55,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    from sklearn.metrics import confusion_matrix
-
-    return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
+    """(k, k) counts: row = true class, column = predicted class (scikit-learn's `confusion_matrix` layout)."""
+    codes = np.asarray(y_true, np.int64) * n_classes + np.asarray(y_pred, np.int64)
+    return np.bincount(codes.ravel(), minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def positive_index(classes: list[str], positive_class: str | None) -> int | None:

@@ -2,21 +2,59 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
 
-from tasks.metrics import bootstrap_ci, classification_metrics
+from tasks.metrics import bootstrap_ci, classification_metrics, confusion
+from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_headline_metrics_match_sklearn(k):
-    rng = np.random.default_rng(k)
-    y, p = rng.integers(0, k, 300), rng.integers(0, k, 300)
+@pytest.mark.parametrize("k, n, absent", [(2, 300, None), (4, 300, None), (5, 37, 3), (3, 0, None)])
+def test_label_metrics_are_sklearns_to_the_bit(k, n, absent):
+    """Computed in numpy (training and export never import sklearn) with sklearn's formulas: the same floats, not
+    approximately the same (a checkpoint chosen by validation macro F1 must not change with the implementation). A
+    class missing from the data (`absent`) counts as 0, as sklearn's zero_division=0 says."""
+    rng = np.random.default_rng(k * 100 + n)
+    y, p = rng.integers(0, k, n), rng.integers(0, k, n)
+    if absent is not None:
+        y[y == absent], p[p == absent] = (absent + 1) % k, (absent + 2) % k
+    labels = list(range(k))
     m = classification_metrics(y, p, [f"c{i}" for i in range(k)])
-    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
-    assert m["macro_recall"] == pytest.approx(recall_score(y, p, average="macro"))
-    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    assert m["n"] == n
+    if not n:  # (sklearn 1.9 refuses empty arrays) nothing to score: zeros, never NaN
+        assert [m[name] for name in ("accuracy", "balanced_accuracy", "macro_recall", "macro_f1")] == [0.0] * 4
+        assert all(v == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for v in m["per_class"].values())
+        return
+    assert m["accuracy"] == accuracy_score(y, p)
+    assert m["balanced_accuracy"] == balanced_accuracy_score(y, p)
+    assert m["macro_recall"] == recall_score(y, p, labels=labels, average="macro", zero_division=0)
+    assert m["macro_f1"] == f1_score(y, p, labels=labels, average="macro", zero_division=0)
+    assert m["macro_precision"] == precision_score(y, p, labels=labels, average="macro", zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)
+    assert [list(v.values()) for v in m["per_class"].values()] == [
+        [precision[i], recall[i], f1[i], support[i]] for i in range(k)]
+    assert confusion(y, p, k).tolist() == confusion_matrix(y, p, labels=labels).tolist()
+
+
+def test_training_and_export_never_import_sklearn():
+    """What the numpy label metrics are for: a stage process that only needs them does not pay sklearn's import."""
+    code = ("import sys, numpy as np; from tasks.metrics import classification_metrics; "
+            "classification_metrics(np.array([0, 1]), np.array([1, 1]), ['a', 'b']); "
+            "import tasks.train.loop, tasks.export.stage; print(sorted(m for m in sys.modules if m.startswith('sklearn')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_n():
@@ -44,13 +82,7 @@ def test_bootstrap_handles_a_class_never_predicted():
 
 # ---- evaluate-stage metrics against scikit-learn --------------------------------------------
 
-from sklearn.metrics import (  # noqa: E402
-    average_precision_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    precision_score,
-    roc_auc_score,
-)
+from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
 from tasks.metrics import (  # noqa: E402
     evaluation_metrics,

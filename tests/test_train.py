@@ -6,6 +6,8 @@ Images are 64 px: at 32 px the pretrained Lite0 (BatchNorm in eval mode) outputs
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from tasks.train.loop import Saving
 from tasks.train.optim import lr_lambda, make_optimizer, param_groups
 from tasks.train.runtime import TrainingError
 from tasks.train.staging import StagedModel
-from tests.conftest import fit
+from tests.conftest import REPO, fit
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -456,3 +458,15 @@ def test_soft_targets_come_from_the_defect_probability_and_change_training(base)
     hard, soft, same = hard_model.state_dict(), soft_model.state_dict(), same_model.state_dict()
     assert not torch.allclose(soft["classifier.weight"], hard["classifier.weight"])
     assert all(torch.allclose(same[k], v, atol=1e-6) for k, v in hard.items())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_deterministic_mode_is_on_and_inductor_is_imported_only_when_compiling(compiled):
+    """The train stage's CPU determinism: the flag eager code reads is on, warn-only, either way; inductor's config (1.3 s
+    of a stage process's start) is imported only by a run that compiles, whose flag it also sets."""
+    code = ("import sys, torch; from tasks.train.stage import deterministic; "
+            f"deterministic(compiled={compiled}); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), "
+            "'torch._inductor.config' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["True", "True", str(compiled)], out.stdout + out.stderr

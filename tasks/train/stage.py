@@ -57,6 +57,16 @@ def run(manifest_path: Path, images_dir: Path, base_dir: Path, params: TrainPara
             torch_dist.destroy_process_group()
 
 
+def deterministic(compiled: bool) -> None:
+    """`torch.use_deterministic_algorithms(True, warn_only=True)`. The public function also sets torch.compile's
+    (inductor's) own flag, and importing inductor's config costs a process 1.3 s; a run that does not compile sets
+    the one flag eager code reads and leaves inductor unimported (tests/test_train.py checks both paths)."""
+    if compiled or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
+
+
 def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpoint_path, metrics_path, history_path,
          workers, saving: Saving, dist: Dist, max_pixels: int) -> dict:
     if params.threads:
@@ -65,7 +75,7 @@ def _run(manifest_path, images_dir, base_dir, params: TrainParams, seed, checkpo
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic(compiled=params.compile)
     manifest = read_manifest(manifest_path)
     classes = classes_of(manifest)
     for split in ("train", "val"):
