@@ -5,6 +5,7 @@ retries only where they can help, and a stage timeout that stops the stage's who
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -183,3 +184,62 @@ def test_a_failed_stage_reads_as_its_error_lines_without_tracebacks(prefect_serv
     assert "Task run failed with exception: StageFailed" in out  # Prefect still reports the failure...
     assert "Traceback" not in out  # ...without a traceback
     assert counts(root) == {s: 1 for s in STAGES[:STAGES.index("gate") + 1]}
+
+
+def run_logs(state) -> str:
+    """The log lines of a finished in-process flow run, from the Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the handlers send in batches; this waits until every batch is sent
+    with get_client(sync_client=True) as c:
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def stages_of(root: Path, return_state: bool = False):
+    """The pipeline flow's `run_stages` alone, in a flow of its own (the scripted stages write none of the outputs
+    the pipeline flow reads after them)."""
+    from prefect import flow
+
+    from flows.pipeline import run_stages
+
+    @flow(name="stages-only")
+    def stages_only(workdir: str) -> dict:
+        return run_stages(Path(workdir), load_params(Path(workdir) / "params.yaml").orchestration)
+
+    runs = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    levels = [logger.level for logger in runs]
+    for logger in runs:  # the runs' INFO lines reach the API (conftest's PREFECT_LOGGING_LEVEL is WARNING)
+        logger.setLevel(logging.INFO)
+    try:
+        return stages_only(str(root), return_state=return_state)
+    finally:
+        for logger, level in zip(runs, levels):
+            logger.setLevel(level)
+
+
+def test_stages_one_dvc_status_finds_unchanged_are_settled_without_dvc_and_the_rest_go_through_it(prefect_server,
+                                                                                                  tmp_path):
+    """One `dvc status` at the start of a run settles the unchanged stages before the first changed one (no
+    `dvc repro` started for each); from the first stage that runs on, every stage goes through DVC, which decides.
+    Results and dvc.lock are what `dvc repro` alone gives."""
+    root = scripted_project(tmp_path / "proj", {})
+    assert set(stages_of(root).values()) == {"ran"} and counts(root) == {s: 1 for s in STAGES}
+
+    dvc_yaml = json.loads((root / "dvc.yaml").read_text())  # the gate's command changes, nothing else
+    dvc_yaml["stages"]["gate"]["cmd"] += " --reworded"
+    (root / "dvc.yaml").write_text(json.dumps(dvc_yaml, indent=1))
+    state = stages_of(root, return_state=True)
+    gate = STAGES.index("gate")
+    assert state.result() == {s: "ran" if s == "gate" else "skipped (up to date)" for s in STAGES}
+    assert counts(root) == {s: 2 if s == "gate" else 1 for s in STAGES}
+    logs = run_logs(state)
+    for s in STAGES[:gate]:  # settled by the status: DVC never started for them
+        assert f"Stage '{s}' is up to date (dvc status at the start of this run): not run" in logs
+        assert f"Stage '{s}' didn't change" not in logs
+    for s in STAGES[gate + 1:]:  # after a stage ran: through `dvc repro`, which found them unchanged
+        assert f"Stage '{s}' didn't change, skipping" in logs, logs
+    assert "up to date" in dvc("status", cwd=root).stdout
+    assert set(stages_of(root).values()) == {"skipped (up to date)"} and counts(root)["gate"] == 2  # nothing to do
