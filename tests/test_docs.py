@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-MAX_LINES = 160
+MAX_LINES = 150
 MAX_WIDTH = 120
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
