@@ -24,6 +24,7 @@ accident. Every stage is stopped after `orchestration.stage_timeout_s` (its whol
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -142,8 +143,6 @@ def run_stage(stage: str, workdir: str, timeout_s: float | None = None, up_to_da
 def stale_stages(root: Path) -> set[str] | None:
     """The stages `dvc status` finds changed (code, data, params or outputs), from one DVC call; None when it cannot
     tell, and then every stage goes through `dvc repro`."""
-    import json
-
     try:
         proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=_env(),
                               capture_output=True, text=True, timeout=600)

@@ -3,9 +3,10 @@
 Pure numpy/scikit-learn, no I/O. Label-based metrics come from the confusion matrix, in numpy, with scikit-learn's
 formulas to the bit (tests/test_metrics.py compares them): importing sklearn.metrics costs a process about a second,
 and training (every epoch's validation) and export need only these. Score-based ones (ROC-AUC, PR-AUC, their curves)
-use scikit-learn, imported by the functions that need it; expected calibration error is numpy. Test-set sampling error: percentile bootstrap intervals, all resamples at once (one offset
-`bincount` gives every resample's confusion matrix), and paired comparisons of two models on the same images
-(paired bootstrap of a metric difference, McNemar's exact and mid-p test for accuracy).
+use scikit-learn, imported by the functions that need it; expected calibration error is numpy. Test-set sampling
+error: percentile bootstrap intervals, all resamples at once (one offset `bincount` gives every resample's confusion
+matrix), and paired comparisons of two models on the same images (paired bootstrap of a metric difference,
+McNemar's exact and mid-p test for accuracy).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     """Headline and per-class metrics; classes absent from both arrays count as 0, not NaN.
 
     The numbers of scikit-learn's `precision_recall_fscore_support(labels=range(k), zero_division=0)`,
-    `accuracy_score` and macro `recall_score` / `f1_score`, computed as they compute them (F1 = 2 TP / (true + predicted)).
+    `accuracy_score` and macro `recall_score` / `f1_score`, computed as they compute them
+    (F1 = 2 TP / (true + predicted)).
     `balanced_accuracy` is scikit-learn's: mean recall over the classes present in `y_true`;
     `macro_recall` averages over every class in `classes` (an absent class counts as 0).
     """
@@ -37,8 +39,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:  # 0 where the denominator is 0 (zero_division=0)
         return np.divide(num, den, out=np.zeros(len(num)), where=den > 0)
 
-    precision, recall = ratio(tp.astype(float), predicted.astype(float)), ratio(tp.astype(float), support.astype(float))
-    f1 = ratio(2.0 * tp, support.astype(float) + predicted)
+    tp_, support_, predicted_ = tp.astype(float), support.astype(float), predicted.astype(float)
+    precision, recall, f1 = ratio(tp_, predicted_), ratio(tp_, support_), ratio(2.0 * tp_, support_ + predicted_)
     present = support > 0
     return {
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
