@@ -84,8 +84,8 @@ def healthy(local: Local) -> bool:
         return False
 
 
-def _prefect(*args: str) -> list[str]:
-    return [sys.executable, "-m", "prefect", *args]
+def _prefect(*args: str, module: str = "prefect") -> list[str]:
+    return [sys.executable, "-m", module, *args]
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -120,7 +120,7 @@ def start_server(local: Local, timeout_s: float = 180) -> int:
     if healthy(local):
         return int((local.state / "server.pid").read_text()) if (local.state / "server.pid").exists() else 0
     proc = _spawn(local, "server", _prefect("server", "start", "--host", local.host, "--port", str(local.port),
-                                            "--analytics-off"), local.env())
+                                            "--analytics-off", module="finetune.prefect_server"), local.env())
     (local.state / "port").write_text(f"{local.port}\n")
     _wait(lambda: healthy(local), proc, "Prefect server", local.state / "server.log", timeout_s)
     return proc.pid
