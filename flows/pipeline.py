@@ -23,6 +23,7 @@ accident. Every stage is stopped after `orchestration.stage_timeout_s` (its whol
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -122,7 +123,9 @@ def run_stage(stage: str, workdir: str, timeout_s: float | None = None, up_to_da
                 logger.info("%s", line)
                 tail.append(line)
 
-    reader = threading.Thread(target=pump, name=f"log-{stage}", daemon=True)
+    # the task's context goes with the lines: Prefect settings given in-process (temporary_settings) reach the
+    # thread, so its lines go to this run's API and not to a temporary server of the thread's own
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(pump,), name=f"log-{stage}", daemon=True)
     reader.start()
     try:
         code = proc.wait(timeout=timeout_s)

@@ -129,12 +129,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server (SQLite) for the whole session; starting one takes ~20 s."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """One Prefect server (SQLite) for the session's tests in this process, started as `finetune run` starts its
+    temporary one (on a copy of the migrated template database: ~9 s instead of ~20 s). Like Prefect's
+    prefect_test_harness, only this process's client is pointed at it; processes the tests start are told."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from finetune import local_prefect as lp
+
+    local = lp.Local(tmp_path_factory.mktemp("prefect-server"), lp.free_port())
+    lp.start_server(local)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
+            yield local.api_url
+            lp.drain()
+    finally:
+        lp.stop(local, grace_s=10)
 
 
 def brightness_onnx(path, classes, size=32, threshold=128.0, extra: dict | None = None):
