@@ -132,7 +132,8 @@ def pytest_collection_modifyitems(config, items):
 def prefect_server(tmp_path_factory):
     """One Prefect server (SQLite) for the session's tests in this process, started as `finetune run` starts its
     temporary one (on a copy of the migrated template database: ~9 s instead of ~20 s). Like Prefect's
-    prefect_test_harness, only this process's client is pointed at it; processes the tests start are told."""
+    prefect_test_harness, only this process's client is pointed at it; processes the tests start are told. Yields
+    its `finetune.local_prefect.Local`."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from finetune import local_prefect as lp
@@ -141,7 +142,7 @@ def prefect_server(tmp_path_factory):
     lp.start_server(local)
     try:
         with temporary_settings(updates={PREFECT_API_URL: local.api_url}):
-            yield local.api_url
+            yield local
             lp.drain()
     finally:
         lp.stop(local, grace_s=10)

@@ -243,3 +243,27 @@ def test_stages_one_dvc_status_finds_unchanged_are_settled_without_dvc_and_the_r
         assert f"Stage '{s}' didn't change, skipping" in logs, logs
     assert "up to date" in dvc("status", cwd=root).stdout
     assert set(stages_of(root).values()) == {"skipped (up to date)"} and counts(root)["gate"] == 2  # nothing to do
+
+
+def test_a_new_server_starts_on_a_copy_of_the_migrated_template_database(prefect_server):
+    """The session's server started on a copy of the template (every migration applied once, per Prefect version):
+    its database has Prefect's tables at the template's alembic revision, and it answers."""
+    import sqlite3
+    from contextlib import closing
+
+    import prefect
+
+    from finetune import local_prefect as lp
+
+    template = lp.template_database()
+    assert template.name == f"prefect-{prefect.__version__}.db" and lp.template_database() == template
+
+    def revision_and_tables(path: Path) -> tuple[str, set[str]]:
+        with closing(sqlite3.connect(path)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return db.execute("SELECT version_num FROM alembic_version").fetchone()[0], tables
+
+    revision, tables = revision_and_tables(template)
+    assert {"flow_run", "deployment", "log", "artifact"} <= tables
+    assert revision_and_tables(prefect_server.state / "home" / "prefect.db")[0] == revision
+    assert lp.healthy(prefect_server)
