@@ -144,16 +144,27 @@ def template_database() -> Path:
     return template
 
 
+def seed_database(database: Path) -> bool:
+    """Put a copy of `template_database()` where a new server will look for its database (unless a database is
+    there or configured elsewhere). Without a cache to write to, nothing: the server then migrates a new one."""
+    if database.exists() or any(k in os.environ for k in ("PREFECT_API_DATABASE_CONNECTION_URL",
+                                                          "PREFECT_SERVER_DATABASE_CONNECTION_URL")):
+        return False
+    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(template_database(), database)
+    except (OSError, LocalPrefectError):
+        database.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def start_server(local: Local, timeout_s: float = 180) -> int:
     """Start the server in the background (unless one answers already) and wait until it is healthy. A new server
     starts on a copy of `template_database()`."""
     if healthy(local):
         return int((local.state / "server.pid").read_text()) if (local.state / "server.pid").exists() else 0
-    database = local.state / "home" / "prefect.db"
-    if not database.exists() and not any(k in os.environ for k in ("PREFECT_API_DATABASE_CONNECTION_URL",
-                                                                   "PREFECT_SERVER_DATABASE_CONNECTION_URL")):
-        database.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template_database(), database)
+    seed_database(local.state / "home" / "prefect.db")
     proc = _spawn(local, "server", _prefect("server", "start", "--host", local.host, "--port", str(local.port),
                                             "--analytics-off", module="finetune.prefect_server"), local.env())
     (local.state / "port").write_text(f"{local.port}\n")

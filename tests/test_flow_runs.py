@@ -267,3 +267,23 @@ def test_a_new_server_starts_on_a_copy_of_the_migrated_template_database(prefect
     assert {"flow_run", "deployment", "log", "artifact"} <= tables
     assert revision_and_tables(prefect_server.state / "home" / "prefect.db")[0] == revision
     assert lp.healthy(prefect_server)
+
+
+def test_without_a_cache_to_write_to_a_server_gets_no_database_and_migrates_its_own(tmp_path, monkeypatch):
+    """No half-copied database is left for a server when the cache cannot be written, and a database that exists
+    is never replaced."""
+    from finetune import local_prefect as lp
+
+    def unwritable_cache():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(lp, "template_database", unwritable_cache)
+    database = tmp_path / "home" / "prefect.db"
+    assert not lp.seed_database(database) and not database.exists()
+
+    template = tmp_path / "template.db"
+    template.write_bytes(b"migrated")
+    monkeypatch.setattr(lp, "template_database", lambda: template)
+    assert lp.seed_database(database) and database.read_bytes() == b"migrated"
+    database.write_bytes(b"in use")
+    assert not lp.seed_database(database) and database.read_bytes() == b"in use"
