@@ -148,7 +148,7 @@ def stale_stages(root: Path) -> set[str] | None:
     tell, and then every stage goes through `dvc repro`."""
     try:
         proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=_env(),
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, check=False)
         status = json.loads(proc.stdout) if proc.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None

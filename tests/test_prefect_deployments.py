@@ -343,12 +343,13 @@ def open_run_form(page, local, deployment_id: str) -> None:
     form_property(page, "Batch Size").locator("input").wait_for(timeout=60_000)
 
 
-def submit_form(page, deployment_id, timeout: float = 120) -> str:
+def submit_form(page, deployment_id, timeout: float = 120) -> UUID:
     """Click Submit and wait for the dashboard's create_flow_run call (it validates the values with the server,
     creates the run and leaves the form): the new run's id. If the call fails or never comes, the message has its
-    answer, the page's text, its console and failed calls, and a full-page screenshot. (Three times on 2026-12-07 a
-    click under load created nothing: the call had got 503 "database is locked", which finetune/prefect_server.py
-    fixes; test_runs_submitted_at_once_are_all_created_none_refused_with_503 checks it.)"""
+    answer, the page's text, its console and failed calls, and a full-page screenshot. (In CI on 2026-12-07 a click
+    under load created nothing: the call got 503 "database is locked", which finetune/prefect_server.py fixes and
+    test_runs_submitted_at_once_are_all_created_none_refused_with_503 checks; twice before, the same symptom went
+    undiagnosed.)"""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     said = []
@@ -356,7 +357,6 @@ def submit_form(page, deployment_id, timeout: float = 120) -> str:
     page.on("response", lambda r: r.ok or said.append(f"HTTP {r.status} {r.request.method} {r.url}"))
     submit = page.locator("button[type=submit]", has_text="Submit")
     created = f"/api/deployments/{deployment_id}/create_flow_run"
-    answer = "none"
     try:
         with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith(created),
                                   timeout=timeout * 1000) as call:
